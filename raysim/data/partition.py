@@ -1,0 +1,106 @@
+"""Splitting training examples among clients. Plain numpy; each function returns one index array per client.
+
+- ``iid``: a seeded shuffle cut into near-equal parts.
+- ``dirichlet``: per label, client shares drawn from Dir(alpha) (Hsu et al., 2019); small alpha = skew.
+- ``label_proportions``: each client gets a given label mix, e.g. the FFA-LoRA paper's 3-client
+  split [[.9,.05,.05],[.05,.9,.05],[.05,.05,.9]]; clients are equally sized, as large as the data allow.
+- ``shards``: sort by label, cut into ``num_clients * shards_per_client`` shards, deal them out
+  (McMahan et al., 2017).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from raysim.config import UserError
+
+_PARTITION_STREAM = 0xDA7A
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _PARTITION_STREAM])
+
+
+def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+    order = _rng(seed).permutation(len(labels))
+    return [np.sort(part) for part in np.array_split(order, num_clients)]
+
+
+def dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_examples: int = 1, max_tries: int = 100
+) -> list[np.ndarray]:
+    """Label-skewed split; redraws (up to max_tries) until every client has min_examples."""
+    rng = _rng(seed)
+    classes = np.unique(labels)
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            for client, piece in enumerate(np.split(idx, cuts)):
+                parts[client].append(piece)
+        out = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in out) >= min_examples:
+            return out
+    raise UserError(
+        f"data.dirichlet_alpha: with alpha={alpha} and {num_clients} clients some client got fewer than "
+        f"{min_examples} examples in {max_tries} draws; raise alpha or lower clients.num"
+    )
+
+
+def label_proportions(
+    labels: np.ndarray, proportions: Sequence[Sequence[float]], seed: int, num_classes: int | None = None
+) -> list[np.ndarray]:
+    """Client i gets an exact label mix proportions[i]; all clients get the same size m, the largest
+    the data allow: m = min over labels j of count_j / sum_i proportions[i][j]."""
+    p = np.asarray(proportions, dtype=float)
+    num_classes = num_classes or int(labels.max()) + 1
+    if p.ndim != 2 or p.shape[1] != num_classes:
+        raise UserError(f"data.label_proportions: each row needs {num_classes} entries (one per label)")
+    rng = _rng(seed)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    demand = p.sum(axis=0)
+    size = min(len(pools[c]) / demand[c] for c in range(num_classes) if demand[c] > 0)
+    counts = np.floor(p * size).astype(int)
+    out, taken = [], np.zeros(num_classes, dtype=int)
+    for row in counts:
+        pieces = [pools[c][taken[c] : taken[c] + row[c]] for c in range(num_classes)]
+        taken += row
+        out.append(np.sort(np.concatenate(pieces)))
+    return out
+
+
+def shards(labels: np.ndarray, num_clients: int, shards_per_client: int, seed: int) -> list[np.ndarray]:
+    rng = _rng(seed)
+    num_shards = num_clients * shards_per_client
+    if num_shards > len(labels):
+        raise UserError(f"data.shards_per_client: {num_shards} shards for {len(labels)} examples")
+    order = np.lexsort((rng.random(len(labels)), labels))  # by label, ties in random order
+    pieces = np.array_split(order, num_shards)
+    deal = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
+    return [np.sort(np.concatenate([pieces[s] for s in row])) for row in deal]
+
+
+def partition(labels: np.ndarray, data_cfg, num_clients: int, seed: int, num_classes: int) -> list[np.ndarray]:
+    """Dispatch on ``data.partition``; every client must end up with at least one example."""
+    kind = data_cfg.partition
+    if kind == "iid":
+        parts = iid(labels, num_clients, seed)
+    elif kind == "dirichlet":
+        parts = dirichlet(labels, num_clients, data_cfg.dirichlet_alpha, seed)
+    elif kind == "label_proportions":
+        parts = label_proportions(labels, data_cfg.label_proportions, seed, num_classes)
+    elif kind == "shards":
+        parts = shards(labels, num_clients, data_cfg.shards_per_client, seed)
+    else:
+        raise UserError(f"data.partition: unknown partition '{kind}'")
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise UserError(
+            f"data.partition: {len(empty)} of {num_clients} clients got no examples "
+            f"({len(labels)} training rows); lower clients.num or use more data"
+        )
+    return parts

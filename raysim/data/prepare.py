@@ -1,0 +1,90 @@
+"""From a data file to tokenized client shards and evaluation sets, once, on the driver."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from raysim.data.loading import clean, read_table, split_indices, to_arrow, tokenize
+from raysim.data.partition import partition
+
+log = logging.getLogger("raysim")
+
+
+@dataclass
+class PreparedData:
+    client_shards: list[pa.Table]  # one tokenized table per client, in client-id order
+    eval_full: pa.Table  # the whole evaluation split (test, or validation when tuning)
+    eval_subset: np.ndarray  # row indices of eval_full evaluated every round
+    label_names: list[str]
+    label_counts: np.ndarray  # training examples per label, over all clients
+
+
+def prepare(cfg, tokenizer) -> PreparedData:
+    d = cfg.data
+    data = clean(read_table(d.path), d.text_column, d.label_column, list(d.labels))
+    if data.dropped_empty_text or data.dropped_unknown_label:
+        log.warning(
+            "data: dropped %d rows with empty text and %d rows with a label outside %s",
+            data.dropped_empty_text,
+            data.dropped_unknown_label,
+            data.label_names,
+        )
+    rows = np.arange(len(data.labels))
+    if d.max_rows and d.max_rows < len(rows):
+        rows = np.sort(np.random.default_rng([cfg.seed, 0x5AB]).choice(len(rows), d.max_rows, replace=False))
+    splits = {k: rows[v] for k, v in split_indices(len(rows), cfg.seed, d.test_fraction, d.validation_fraction).items()}
+    eval_rows = splits[cfg.eval.split]
+    needed = np.concatenate([splits["train"], eval_rows])
+    ids, lengths = tokenize(tokenizer, [data.texts[i] for i in needed], d.max_length)
+    labels = data.labels[needed]
+    n_train = len(splits["train"])
+
+    parts = partition(labels[:n_train], d, cfg.clients.num, cfg.seed, len(data.label_names))
+    unused = n_train - sum(len(p) for p in parts)
+    if unused:
+        log.info("data: %s partition leaves %d of %d training rows unused", d.partition, unused, n_train)
+    shards = [to_arrow(ids[p], lengths[p], labels[p]) for p in parts]
+
+    eval_full = to_arrow(ids[n_train:], lengths[n_train:], labels[n_train:])
+    n_eval = eval_full.num_rows
+    if cfg.eval.max_examples and cfg.eval.max_examples < n_eval:
+        subset = np.sort(np.random.default_rng([cfg.seed, 0xE7A1]).choice(n_eval, cfg.eval.max_examples, replace=False))
+    else:
+        subset = np.arange(n_eval)
+    log.info(
+        "data: %d rows, %d train over %d clients (%s), %d %s (%d evaluated each round), labels %s",
+        len(rows),
+        n_train,
+        cfg.clients.num,
+        d.partition,
+        n_eval,
+        cfg.eval.split,
+        len(subset),
+        data.label_names,
+    )
+    return PreparedData(shards, eval_full, subset, data.label_names, np.bincount(labels[:n_train], minlength=len(data.label_names)))
+
+
+def assign_clients(sizes: list[int], num_workers: int) -> list[list[int]]:
+    """Sticky client -> worker assignment. Client counts are equal (each client trains the same
+    number of steps per round, so counts balance compute); within that, largest shards go first onto
+    the lightest worker with room, which balances data (memory)."""
+    capacity = -(-len(sizes) // num_workers)
+    loads = np.zeros(num_workers)
+    groups: list[list[int]] = [[] for _ in range(num_workers)]
+    for cid in sorted(range(len(sizes)), key=lambda c: (-sizes[c], c)):
+        open_workers = [w for w in range(num_workers) if len(groups[w]) < capacity]
+        w = min(open_workers, key=lambda w: (loads[w], w))
+        groups[w].append(cid)
+        loads[w] += sizes[cid]
+    return [sorted(g) for g in groups]
+
+
+def split_for_workers(rows: np.ndarray, lengths: np.ndarray, num_workers: int) -> list[np.ndarray]:
+    """Deal evaluation rows to workers by length, round robin, so each gets equal work."""
+    order = rows[np.argsort(lengths[rows], kind="stable")]
+    return [np.sort(order[w::num_workers]) for w in range(num_workers)]

@@ -1,0 +1,74 @@
+"""Math shared by the LoRA-family methods: FedAvg of adapter deltas and LoRA product diagnostics.
+
+An adapter state is a dict ``name -> array`` using the parameter names of the PEFT model, so a
+LoRA module ``m`` contributes ``m.lora_A.<adapter>.weight`` (r x d_in) and
+``m.lora_B.<adapter>.weight`` (d_out x r); its weight update is ``scaling * B @ A``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+LORA_A, LORA_B = ".lora_A.", ".lora_B."
+
+
+def is_lora_a(name: str) -> bool:
+    return LORA_A in name
+
+
+def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Module prefix -> (A name, B name) for every LoRA module in ``names``."""
+    names = set(names)
+    pairs = {}
+    for a in sorted(n for n in names if LORA_A in n):
+        b = a.replace(LORA_A, LORA_B)
+        if b in names:
+            pairs[a.split(LORA_A)[0]] = (a, b)
+    return pairs
+
+
+def seeded_lora_a(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A LoRA A matrix drawn from (seed, parameter name) alone, identical in every process.
+
+    Same distribution as PEFT's default (Kaiming-uniform with a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in))).
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    bound = 1.0 / float(np.sqrt(shape[-1]))
+    return (torch.rand(shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+
+
+def fedavg(
+    global_state: Mapping[str, np.ndarray], delta_sum: Mapping[str, np.ndarray], total_weight: float
+) -> dict[str, np.ndarray]:
+    """global + (sum_i w_i * delta_i) / (sum_i w_i), tensor by tensor (McMahan et al., 2017)."""
+    if total_weight <= 0:
+        return {k: v.copy() for k, v in global_state.items()}
+    return {k: (v + delta_sum[k] / total_weight).astype(v.dtype) for k, v in global_state.items()}
+
+
+def lora_products(state: Mapping[str, np.ndarray], a_override: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Module prefix -> B @ A (unscaled), taking A from ``a_override`` when it is not in ``state``."""
+    a_override = a_override or {}
+    names = set(state) | set(a_override)
+    out = {}
+    for prefix, (a, b) in lora_pairs(names).items():
+        a_mat = state[a] if a in state else a_override[a]
+        out[prefix] = state[b] @ a_mat
+    return out
+
+
+def relative_aggregation_error(
+    mean_of_products: Mapping[str, np.ndarray], product_of_means: Mapping[str, np.ndarray]
+) -> float:
+    """|| mean_i(B_i A_i) - B_avg A_avg ||_F / || mean_i(B_i A_i) ||_F over all LoRA modules.
+
+    Zero means the server's averaged adapter reproduces the average of the clients' updates
+    (what FFA-LoRA guarantees); plain LoRA's FedAvg of A and B separately does not (FedIT).
+    """
+    num = sum(float(np.sum((mean_of_products[k] - product_of_means[k]) ** 2)) for k in mean_of_products)
+    den = sum(float(np.sum(mean_of_products[k] ** 2)) for k in mean_of_products)
+    return float(np.sqrt(num / den)) if den > 0 else 0.0

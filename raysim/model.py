@@ -1,0 +1,110 @@
+"""Building the resident model: a transformers sequence classifier with a PEFT LoRA adapter.
+
+No Ray here. Every process that builds the model with the same config and seed gets the same
+base weights, task head and LoRA A matrices, so workers agree without shipping the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+from raysim.config import UserError
+from raysim.methods import get as get_method
+from raysim.methods.common import is_lora_a, seeded_lora_a
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' load reports and PEFT's warnings; errors still raise."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        transformers.logging.enable_progress_bar()
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet():
+            return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}': {str(err).splitlines()[0]}") from None
+
+
+def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The base model (frozen) wrapped by PEFT LoRA, on ``device``, in train mode.
+
+    A matrices come from :func:`seeded_lora_a` (same in every process); methods that do not
+    train A get it frozen. The task head is part of the adapter (PEFT's modules_to_save).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    method = get_method(cfg.method)
+    overrides = dict(cfg.model.config_overrides)
+    torch.manual_seed(cfg.seed)  # same random base weights and head everywhere
+    try:
+        with _quiet():
+            if cfg.model.init == "random":
+                config = AutoConfig.from_pretrained(cfg.model.name_or_path, num_labels=num_labels, **overrides)
+                model = AutoModelForSequenceClassification.from_config(config)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    cfg.model.name_or_path, num_labels=num_labels, **overrides
+                )
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path: cannot load '{cfg.model.name_or_path}': {str(err).splitlines()[0]}") from None
+    model.to(device)  # before get_peft_model, so adapter tensors are created on the device
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="SEQ_CLS",
+    )
+    try:
+        with _quiet():
+            model = get_peft_model(model, lora)
+    except ValueError as err:
+        raise UserError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_lora_a(name):
+                param.copy_(seeded_lora_a(name, tuple(param.shape), cfg.seed))
+                param.requires_grad_(method.trains(name))
+    model.train()  # transformers loads in eval mode; dropout (and Opacus hooks) need train mode
+    logging.getLogger("raysim").debug("built %s with %d trainable tensors", cfg.model.name_or_path, len(trainable_parameters(model)))
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The adapter tensors a client trains and sends, by PEFT parameter name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {name: p.detach().cpu().numpy().copy() for name, p in trainable_parameters(model).items()}
+
+
+def frozen_lora_a(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The A matrices a method keeps frozen (empty for plain LoRA)."""
+    return {
+        name: p.detach().cpu().numpy().copy()
+        for name, p in model.named_parameters()
+        if is_lora_a(name) and not p.requires_grad
+    }

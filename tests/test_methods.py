@@ -1,0 +1,80 @@
+"""The aggregation math against independent computations, without Ray or a model."""
+
+import numpy as np
+import pytest
+import torch
+
+from raysim.methods import ffa_lora, get, lora
+from raysim.methods.common import fedavg, lora_pairs, lora_products, relative_aggregation_error, seeded_lora_a
+
+D_OUT, D_IN, R = 12, 10, 4
+A_KEY, B_KEY = "m.lora_A.default.weight", "m.lora_B.default.weight"
+HEAD = "classifier.modules_to_save.default.weight"
+
+
+def _clients(rng, n, train_a):
+    shared_a = rng.normal(size=(R, D_IN))
+    start = {B_KEY: np.zeros((D_OUT, R)), HEAD: rng.normal(size=(3, D_OUT))}
+    if train_a:
+        start[A_KEY] = shared_a
+    finals = []
+    for _ in range(n):
+        final = {k: v + rng.normal(size=v.shape) for k, v in start.items()}
+        finals.append(final)
+    return shared_a, start, finals
+
+
+def _aggregate(method, start, finals, weights):
+    delta_sum = {k: sum(w * (f[k] - start[k]) for f, w in zip(finals, weights)) for k in start}
+    return method.server_update(start, delta_sum, sum(weights))
+
+
+def test_ffa_lora_aggregate_equals_weighted_mean_of_client_products():
+    rng = np.random.default_rng(0)
+    shared_a, start, finals = _clients(rng, 5, train_a=False)
+    weights = [3.0, 1.0, 7.0, 2.0, 5.0]
+    new = _aggregate(ffa_lora, start, finals, weights)
+    expected = sum(w * f[B_KEY] @ shared_a for f, w in zip(finals, weights)) / sum(weights)
+    np.testing.assert_allclose(new[B_KEY] @ shared_a, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(new[HEAD], sum(w * f[HEAD] for f, w in zip(finals, weights)) / sum(weights))
+
+
+def test_lora_aggregate_is_inexact_and_the_error_matches_an_independent_computation():
+    rng = np.random.default_rng(1)
+    _, start, finals = _clients(rng, 4, train_a=True)
+    weights = [1.0, 2.0, 3.0, 4.0]
+    new = _aggregate(lora, start, finals, weights)
+    np.testing.assert_allclose(new[A_KEY], sum(w * f[A_KEY] for f, w in zip(finals, weights)) / 10)
+    exact = sum(w * f[B_KEY] @ f[A_KEY] for f, w in zip(finals, weights)) / 10
+    averaged = new[B_KEY] @ new[A_KEY]
+    independent = np.linalg.norm(exact - averaged) / np.linalg.norm(exact)
+    assert independent > 0.05
+    error = relative_aggregation_error({"m": exact}, lora_products(new))
+    assert error == pytest.approx(independent, rel=1e-12)
+
+
+def test_fedavg_with_no_weight_keeps_the_global_state():
+    state = {"x": np.ones(3)}
+    out = fedavg(state, {"x": np.full(3, 5.0)}, 0.0)
+    assert np.array_equal(out["x"], state["x"]) and out["x"] is not state["x"]
+
+
+def test_methods_choose_what_they_train():
+    assert lora.trains(A_KEY) and lora.trains(B_KEY) and lora.trains(HEAD)
+    assert not ffa_lora.trains(A_KEY) and ffa_lora.trains(B_KEY) and ffa_lora.trains(HEAD)
+    assert get("ffa_lora") is ffa_lora
+    with pytest.raises(ValueError, match="unknown method"):
+        get("flora")
+
+
+def test_lora_pairs_match_a_with_b():
+    assert lora_pairs([A_KEY, B_KEY, HEAD, "x.lora_A.default.weight"]) == {"m": (A_KEY, B_KEY)}
+
+
+def test_seeded_a_depends_only_on_seed_and_name():
+    a = seeded_lora_a("layer.0.q.lora_A.default.weight", (8, 384), seed=5)
+    assert torch.equal(a, seeded_lora_a("layer.0.q.lora_A.default.weight", (8, 384), seed=5))
+    assert not torch.equal(a, seeded_lora_a("layer.0.q.lora_A.default.weight", (8, 384), seed=6))
+    assert not torch.equal(a, seeded_lora_a("layer.1.q.lora_A.default.weight", (8, 384), seed=5))
+    bound = 1 / np.sqrt(384)
+    assert a.abs().max() <= bound and a.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)

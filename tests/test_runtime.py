@@ -1,0 +1,161 @@
+"""The Ray runtime on configs/tiny.yaml, checked against computations made here without Ray."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raysim import Simulation, UserError
+from raysim.data.prepare import prepare
+from raysim.methods.common import lora_products, relative_aggregation_error
+from raysim.model import adapter_state, build_model, frozen_lora_a, load_tokenizer, trainable_parameters
+from raysim.training import ClientData, ClientState, load_adapter, local_train, make_optimizer, step_seed
+from raysim.data.loading import from_arrow
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _expected_round(cfg, sampled):
+    """One FedAvg round computed in this process: each sampled client trains from the initial adapter."""
+    data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
+    model = build_model(cfg, len(data.label_names))
+    params = trainable_parameters(model)
+    start = {k: v.detach().clone() for k, v in params.items()}
+    finals, weights = [], []
+    for cid in sampled:
+        load_adapter(params, start)
+        shard = ClientData(*from_arrow(data.client_shards[cid]))
+        optimizer = make_optimizer(cfg.train, list(params.values()))
+        torch.manual_seed(step_seed(cfg.seed, 1, cid))
+        local_train(model, optimizer, shard, ClientState.new(cfg.seed, cid), cfg.train.local_steps, cfg.train.batch_size, torch.device("cpu"))
+        finals.append(adapter_state(model))
+        weights.append(float(len(shard)))
+    total = sum(weights)
+    expected = {k: sum(w * f[k] for f, w in zip(finals, weights)) / total for k in start}
+    frozen = frozen_lora_a(model)
+    mean_products = {m: sum(w * p for w, p in zip(weights, ps)) / total for m, ps in _by_module([lora_products(f, frozen) for f in finals]).items()}
+    return expected, relative_aggregation_error(mean_products, lora_products(expected, frozen))
+
+
+def _by_module(products):
+    return {m: [p[m] for p in products] for m in products[0]}
+
+
+@pytest.mark.parametrize("method", ["ffa_lora", "lora"])
+def test_one_round_equals_an_independent_fedavg(tmp_path, method):
+    cfg = tiny_config(tmp_path, f"method={method}")
+    with Simulation(cfg) as sim:
+        sampled = __import__("ray").get(sim.server.sample.remote(1, cfg.clients.per_round))
+        row = sim.run_round()
+        got = sim.global_adapter()
+    expected, error = _expected_round(cfg, sampled)
+    assert set(got) == set(expected)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=1e-6)
+    assert row["clients"] == cfg.clients.per_round and row["dropped"] == 0
+    if method == "ffa_lora":
+        assert not any(".lora_A." in k for k in got)
+        assert row["aggregation_error"] < 1e-5
+    else:
+        assert any(".lora_A." in k for k in got)
+        assert row["aggregation_error"] > 1e-4
+        assert row["aggregation_error"] == pytest.approx(error, rel=1e-2)
+
+
+def test_outputs_and_adapter_load_with_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = tiny_config(tmp_path, "rounds=2")
+    with Simulation(cfg) as sim:
+        sim.run(2, progress=False)
+        final = sim.evaluate()
+        adapter_dir = sim.save_adapter()
+        state = sim.global_adapter()
+        summary = sim.write_summary(final)
+    out = tmp_path / "run"
+    table = pq.read_table(out / "metrics.parquet")
+    need = {"round", "clients", "train_loss", "eval_loss", "eval_accuracy", "uplink_bytes", "downlink_bytes", "wall_s"}
+    assert need <= set(table.column_names) and table.column("round").to_pylist() == [1, 2]
+    sent = sum(v.nbytes for v in state.values())
+    assert table.column("uplink_bytes").to_pylist() == [cfg.clients.per_round * sent] * 2
+    assert 0 <= final["eval_accuracy"] <= 1 and final["eval_examples"] > cfg.eval.max_examples
+    assert "ffa_lora" in (out / "config.yaml").read_text() and summary.exists()
+
+    torch.manual_seed(cfg.seed)
+    base_cfg = AutoConfig.from_pretrained(cfg.model.name_or_path, num_labels=3, **cfg.model.config_overrides)
+    base = AutoModelForSequenceClassification.from_config(base_cfg)
+    loaded = PeftModel.from_pretrained(base, adapter_dir)
+    loaded_params = dict(loaded.named_parameters())
+    for name, value in state.items():
+        np.testing.assert_array_equal(loaded_params[name].detach().numpy(), value)
+
+
+def test_same_seed_same_run(tmp_path):
+    runs = []
+    for i in range(2):
+        with Simulation(tiny_config(tmp_path / str(i), "rounds=2")) as sim:
+            sim.run(2, progress=False)
+            runs.append((sim.metrics.column("train_loss").to_pylist(), sim.global_adapter()))
+    assert runs[0][0] == runs[1][0]
+    assert all(np.array_equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.parquet").write_text("keep me")
+    with pytest.raises(UserError, match="output_dir"):
+        Simulation(tiny_config(tmp_path))
+    assert (tmp_path / "run" / "metrics.parquet").read_text() == "keep me"
+
+
+def test_a_worker_killed_mid_round_drops_its_clients_not_the_run(tmp_path):
+    import ray
+
+    cfg = tiny_config(tmp_path, "clients.per_round=10", "train.local_steps=40")
+    with Simulation(cfg) as sim:
+        pid = ray.get(sim.workers[0].ready.remote())["pid"]
+        on_worker0 = len(sim.worker_clients[0])
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(sim.run_round()))
+        thread.start()
+        time.sleep(1.5)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(timeout=120)
+        assert result["dropped"] == on_worker0 and result["clients"] == 10 - on_worker0
+        assert np.isfinite(result["train_loss"])
+        sim.set_train(local_steps=2)
+        after = sim.run_round()
+        assert after["clients"] == 10 and after["dropped"] == 0  # restarted by Ray, data handed again
+        assert ray.get(sim.workers[0].ready.remote())["pid"] != pid
+
+
+def test_a_thousand_clients_fit(tmp_path):
+    cfg = tiny_config(tmp_path, "clients.num=1000", "clients.per_round=50", "data.partition=iid", "train.local_steps=1")
+    with Simulation(cfg) as sim:
+        row = sim.run_round()
+    assert row["clients"] == 50 and row["dropped"] == 0
+
+
+def test_cli_runs_tiny_end_to_end(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysim", "run", "configs/tiny.yaml", "rounds=2", f"output_dir={out}", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "round 2/2" in proc.stderr and "final test accuracy" in proc.stderr
+    assert pq.read_table(out / "metrics.parquet").num_rows == 2
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "summary.json").exists()
