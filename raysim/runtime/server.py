@@ -42,9 +42,6 @@ class Server:
             self._broadcast_ref = ray.put(self.state)
         return [self._broadcast_ref]
 
-    def broadcast_bytes(self) -> int:
-        return int(sum(v.nbytes for v in self.state.values()))
-
     def aggregate(self, weight_total: float, *payloads: dict) -> dict:
         """Sum the workers' partial sums, apply the method's server update, and report diagnostics."""
         if not payloads or weight_total <= 0:

@@ -26,7 +26,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from raysim.config import UserError, from_dict, to_yaml
+from raysim.config import UserError, from_dict, load_config, to_yaml
 from raysim.data.prepare import assign_clients, prepare, split_for_workers
 from raysim.model import load_tokenizer
 from raysim.runtime.server import Server
@@ -55,8 +55,11 @@ def _write_atomic(path: Path, write) -> None:
 class Simulation:
     """One federated fine-tuning run over Ray actors."""
 
-    def __init__(self, cfg: DictConfig | dict):
+    def __init__(self, cfg: DictConfig | dict | str | os.PathLike):
+        """``cfg``: a config from :func:`raysim.load_config`, nested values over the defaults, or a YAML path."""
         started = time.perf_counter()
+        if isinstance(cfg, (str, os.PathLike)):
+            cfg = load_config(cfg)
         self.cfg = cfg if isinstance(cfg, DictConfig) else from_dict(cfg)
         self.output_dir = _prepare_output_dir(self.cfg)
         _write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))

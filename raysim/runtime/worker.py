@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from raysim.data.loading import from_arrow
 from raysim.methods.common import lora_pairs
-from raysim.model import build_model, frozen_lora_a, trainable_parameters
+from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_parameters
 from raysim.training import (
     ClientData,
     ClientState,
@@ -75,8 +75,7 @@ class ClientWorker:
 
     def initial_adapter(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(trained-and-sent tensors, frozen A matrices) of the freshly built adapter."""
-        state = {k: p.detach().cpu().numpy().copy() for k, p in self.params.items()}
-        return state, {k: v.cpu().numpy() for k, v in self.frozen_a.items()}
+        return adapter_state(self.model), frozen_lora_a(self.model)
 
     def _to_device(self, state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         # One copy per round per worker: object-store arrays are read-only.

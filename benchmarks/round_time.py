@@ -1,0 +1,82 @@
+"""Time per round and client-steps per second for configs/tiny.yaml and configs/quickstart.yaml.
+
+    python benchmarks/round_time.py                       # both configs, 5 rounds each
+    python benchmarks/round_time.py --configs tiny --rounds 3 key=value ...
+
+Ray is started once; each config then reports its own start-up (data, actors, model) apart from
+Ray's. Round 1 is reported but left out of the steady-state means (first-call costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from raysim import Simulation, load_config
+from raysim.config import CONFIG_DIR
+
+
+def measure(config: str, rounds: int, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(CONFIG_DIR / f"{config}.yaml", [f"output_dir={tmp}/run", *overrides])
+        with Simulation(cfg) as sim:
+            rows = [sim.run_round() for _ in range(rounds)]
+            startup = sim.startup_s
+    steady = rows[1:] or rows
+    mean = lambda key: statistics.fmean(r[key] for r in steady)  # noqa: E731
+    client_steps = cfg.clients.per_round * cfg.train.local_steps
+    return {
+        "config": config,
+        "workers": cfg.worker.count,
+        "clients": cfg.clients.num,
+        "per_round": cfg.clients.per_round,
+        "local_steps": cfg.train.local_steps,
+        "startup_s": startup,
+        "first_round_s": rows[0]["wall_s"],
+        "round_s": mean("wall_s"),
+        "train_s": mean("train_s"),
+        "eval_s": mean("eval_s"),
+        "client_steps_per_s": client_steps / mean("train_s"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["tiny", "quickstart"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("overrides", nargs="*", help="key=value applied to every config")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level="ERROR")
+    ray_start = time.perf_counter() - started
+    try:
+        results = [measure(c, args.rounds, args.overrides) for c in args.configs]
+    finally:
+        ray.shutdown()
+
+    print(f"Ray start: {ray_start:.1f}s   (steady state = rounds 2..{args.rounds})")
+    header = f"{'config':<11}{'workers':>8}{'clients':>8}{'steps/rnd':>10}{'startup s':>10}{'round s':>9}{'train s':>9}{'eval s':>8}{'client-steps/s':>16}"
+    print(header)
+    for r in results:
+        print(
+            f"{r['config']:<11}{r['workers']:>8}{r['clients']:>8}{r['per_round'] * r['local_steps']:>10}"
+            f"{r['startup_s']:>10.1f}{r['round_s']:>9.2f}{r['train_s']:>9.2f}{r['eval_s']:>8.2f}{r['client_steps_per_s']:>16.1f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"ray_start_s": ray_start, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
