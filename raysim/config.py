@@ -111,11 +111,21 @@ class TrainConfig:
     local_steps: int = 5
     batch_size: int = 16
     lr: float = 1e-3
+    # The learning rate of round r is lr * lr_decay ** (r - 1).
+    lr_decay: float = 1.0
     optimizer: str = "adamw"
     momentum: float = 0.0
     weight_decay: float = 0.0
     # How client deltas are weighted in the average: by local examples (FedAvg) or equally.
     weighting: str = "examples"
+
+
+@dataclass
+class ServerConfig:
+    # Server optimizer over the averaged client update: global += lr * m, m = momentum * m + update.
+    # lr=1, momentum=0 is plain FedAvg; momentum > 0 is FedAvgM.
+    lr: float = 1.0
+    momentum: float = 0.0
 
 
 @dataclass
@@ -161,6 +171,7 @@ class RaysimConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -257,8 +268,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1")
     _check(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(cfg.train.lr > 0, "train.lr", "must be > 0")
+    _check(0 < cfg.train.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
     _check(cfg.train.optimizer in OPTIMIZERS, "train.optimizer", f"'{cfg.train.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
     _check(cfg.train.weighting in WEIGHTINGS, "train.weighting", f"'{cfg.train.weighting}' is not one of {', '.join(WEIGHTINGS)}")
+    _check(cfg.server.lr > 0, "server.lr", "must be > 0")
+    _check(0 <= cfg.server.momentum < 1, "server.momentum", "must be in [0, 1)")
     _check(cfg.eval.split in EVAL_SPLITS, "eval.split", f"'{cfg.eval.split}' is not one of {', '.join(EVAL_SPLITS)}")
     _check(
         cfg.eval.split != "validation" or cfg.data.validation_fraction > 0,

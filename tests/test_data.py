@@ -137,3 +137,18 @@ def test_assign_clients_balances_counts_and_sizes():
         abs(2 * sum(sizes[c] for c in half) - sum(sizes)) for half in itertools.combinations(range(8), 4)
     )
     assert abs(loads[0] - loads[1]) == best
+
+
+def test_prepare_counts_dropped_rows_in_the_log(tmp_path, caplog):
+    from conftest import tiny_config
+    from raysim.data.prepare import prepare
+    from raysim.model import load_tokenizer
+
+    rows = [("good day", "pos"), ("bad day", "neg")] * 20 + [("", "pos"), ("   ", "neg"), ("ok", "maybe"), ("hm", "")]
+    path = tmp_path / "mine.csv"
+    pyarrow.csv.write_csv(pa.table({"text": [r[0] for r in rows], "sentiment": [r[1] for r in rows]}), path)
+    cfg = tiny_config(tmp_path, f"data.path={path}", "data.labels=[neg,pos]", "clients.num=4", "clients.per_round=2", "data.partition=iid")
+    with caplog.at_level("INFO", logger="raysim"):
+        data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
+    assert "dropped 2 rows with empty text and 2 rows with a label outside ['neg', 'pos']" in caplog.text
+    assert sum(t.num_rows for t in data.client_shards) + data.eval_full.num_rows == 40

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from raysim.methods import ffa_lora, get, lora
-from raysim.methods.common import fedavg, lora_pairs, lora_products, relative_aggregation_error, seeded_lora_a
+from raysim.methods.common import apply_step, lora_pairs, lora_products, relative_aggregation_error, seeded_lora_a, server_step
 
 D_OUT, D_IN, R = 12, 10, 4
 A_KEY, B_KEY = "m.lora_A.default.weight", "m.lora_B.default.weight"
@@ -26,7 +26,7 @@ def _clients(rng, n, train_a):
 
 def _aggregate(method, start, finals, weights):
     delta_sum = {k: sum(w * (f[k] - start[k]) for f, w in zip(finals, weights)) for k in start}
-    return method.server_update(start, delta_sum, sum(weights))
+    return apply_step(start, method.aggregate(delta_sum, sum(weights)))
 
 
 def test_ffa_lora_aggregate_equals_weighted_mean_of_client_products():
@@ -53,10 +53,19 @@ def test_lora_aggregate_is_inexact_and_the_error_matches_an_independent_computat
     assert error == pytest.approx(independent, rel=1e-12)
 
 
-def test_fedavg_with_no_weight_keeps_the_global_state():
-    state = {"x": np.ones(3)}
-    out = fedavg(state, {"x": np.full(3, 5.0)}, 0.0)
-    assert np.array_equal(out["x"], state["x"]) and out["x"] is not state["x"]
+@pytest.mark.parametrize("lr, momentum", [(1.0, 0.0), (0.5, 0.7)])
+def test_server_momentum_matches_its_unrolled_form(lr, momentum):
+    rng = np.random.default_rng(2)
+    updates = [{"x": rng.normal(size=4)} for _ in range(5)]
+    state, buffer = {"x": np.zeros(4)}, None
+    for update in updates:
+        step, buffer = server_step(update, buffer, lr, momentum)
+        state = apply_step(state, step)
+    # after n rounds the state moved by lr * sum_t sum_{i<=t} momentum^(t-i) u_i
+    expected = lr * sum(sum(momentum ** (t - i) * updates[i]["x"] for i in range(t + 1)) for t in range(5))
+    np.testing.assert_allclose(state["x"], expected, rtol=1e-12)
+    if momentum == 0.0:
+        np.testing.assert_allclose(state["x"], sum(u["x"] for u in updates))
 
 
 def test_methods_choose_what_they_train():

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def _expected_round(cfg, sampled):
-    """One FedAvg round computed in this process: each sampled client trains from the initial adapter."""
+    """One round computed in this process: each sampled client trains from the initial adapter; the
+    global adapter moves by server.lr times the weighted mean delta (round 1: momentum has no past)."""
     data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
     model = build_model(cfg, len(data.label_names))
     params = trainable_parameters(model)
@@ -40,19 +41,20 @@ def _expected_round(cfg, sampled):
         finals.append(adapter_state(model))
         weights.append(float(len(shard)))
     total = sum(weights)
-    expected = {k: sum(w * f[k] for f, w in zip(finals, weights)) / total for k in start}
+    averaged = {k: sum(w * f[k] for f, w in zip(finals, weights)) / total for k in start}
+    expected = {k: start[k].numpy() + cfg.server.lr * (averaged[k] - start[k].numpy()) for k in start}
     frozen = frozen_lora_a(model)
     mean_products = {m: sum(w * p for w, p in zip(weights, ps)) / total for m, ps in _by_module([lora_products(f, frozen) for f in finals]).items()}
-    return expected, relative_aggregation_error(mean_products, lora_products(expected, frozen))
+    return expected, relative_aggregation_error(mean_products, lora_products(averaged, frozen))
 
 
 def _by_module(products):
     return {m: [p[m] for p in products] for m in products[0]}
 
 
-@pytest.mark.parametrize("method", ["ffa_lora", "lora"])
-def test_one_round_equals_an_independent_fedavg(tmp_path, method):
-    cfg = tiny_config(tmp_path, f"method={method}")
+@pytest.mark.parametrize("method, server_lr", [("ffa_lora", 1.0), ("lora", 0.5)])
+def test_one_round_equals_an_independent_fedavg(tmp_path, method, server_lr):
+    cfg = tiny_config(tmp_path, f"method={method}", f"server.lr={server_lr}", "server.momentum=0.9")
     with Simulation(cfg) as sim:
         sampled = __import__("ray").get(sim.server.sample.remote(1, cfg.clients.per_round))
         row = sim.run_round()
@@ -75,7 +77,7 @@ def test_outputs_and_adapter_load_with_peft(tmp_path):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    cfg = tiny_config(tmp_path, "rounds=2")
+    cfg = tiny_config(tmp_path, "rounds=2", "train.lr_decay=0.5")
     with Simulation(cfg) as sim:
         sim.run(2, progress=False)
         final = sim.evaluate()
@@ -86,6 +88,7 @@ def test_outputs_and_adapter_load_with_peft(tmp_path):
     table = pq.read_table(out / "metrics.parquet")
     need = {"round", "clients", "train_loss", "eval_loss", "eval_accuracy", "uplink_bytes", "downlink_bytes", "wall_s"}
     assert need <= set(table.column_names) and table.column("round").to_pylist() == [1, 2]
+    assert table.column("lr").to_pylist() == pytest.approx([cfg.train.lr, cfg.train.lr * 0.5])
     sent = sum(v.nbytes for v in state.values())
     assert table.column("uplink_bytes").to_pylist() == [cfg.clients.per_round * sent] * 2
     assert 0 <= final["eval_accuracy"] <= 1 and final["eval_examples"] > cfg.eval.max_examples

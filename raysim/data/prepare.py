@@ -56,8 +56,11 @@ def prepare(cfg, tokenizer) -> PreparedData:
     else:
         subset = np.arange(n_eval)
     log.info(
-        "data: %d rows, %d train over %d clients (%s), %d %s (%d evaluated each round), labels %s",
+        "data: %d rows kept (dropped %d with empty text, %d with unknown labels), %d train over %d clients (%s), "
+        "%d %s (%d evaluated each round), labels %s",
         len(rows),
+        data.dropped_empty_text,
+        data.dropped_unknown_label,
         n_train,
         cfg.clients.num,
         d.partition,

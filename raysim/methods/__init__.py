@@ -1,7 +1,9 @@
 """Federated LoRA methods, one module each, registered by name.
 
 A method module provides ``NAME``, ``trains(param_name) -> bool`` (which adapter tensors a client
-trains and sends) and ``server_update(global_state, delta_sum, total_weight) -> new global state``.
+trains and sends) and ``aggregate(delta_sum, total_weight) -> update``, which turns the workers'
+summed, weighted client deltas into one update of the global adapter. The server optimizer
+(:func:`raysim.methods.common.server_step`) then applies it.
 """
 
 from types import ModuleType

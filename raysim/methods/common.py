@@ -1,4 +1,5 @@
-"""Math shared by the LoRA-family methods: FedAvg of adapter deltas and LoRA product diagnostics.
+"""Math shared by the LoRA-family methods: averaging adapter deltas, the server optimizer, and
+LoRA product diagnostics.
 
 An adapter state is a dict ``name -> array`` using the parameter names of the PEFT model, so a
 LoRA module ``m`` contributes ``m.lora_A.<adapter>.weight`` (r x d_in) and
@@ -41,13 +42,27 @@ def seeded_lora_a(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return (torch.rand(shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
 
 
-def fedavg(
-    global_state: Mapping[str, np.ndarray], delta_sum: Mapping[str, np.ndarray], total_weight: float
-) -> dict[str, np.ndarray]:
-    """global + (sum_i w_i * delta_i) / (sum_i w_i), tensor by tensor (McMahan et al., 2017)."""
-    if total_weight <= 0:
-        return {k: v.copy() for k, v in global_state.items()}
-    return {k: (v + delta_sum[k] / total_weight).astype(v.dtype) for k, v in global_state.items()}
+def mean_delta(delta_sum: Mapping[str, np.ndarray], total_weight: float) -> dict[str, np.ndarray]:
+    """FedAvg's update (McMahan et al., 2017): (sum_i w_i * delta_i) / (sum_i w_i), tensor by tensor."""
+    return {k: v / total_weight for k, v in delta_sum.items()}
+
+
+def server_step(
+    update: Mapping[str, np.ndarray], buffer: Mapping[str, np.ndarray] | None, lr: float, momentum: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The server optimizer (FedAvgM; Hsu et al., 2019, and Reddi et al., ICLR 2021): returns
+    (step, new buffer) with buffer = momentum * buffer + update and step = lr * buffer.
+
+    lr=1, momentum=0 is plain FedAvg. Momentum averages the round updates over time, which damps
+    the swing that a small, label-skewed sample of clients gives each round. The step is linear in
+    the update, so FFA-LoRA's aggregation stays exact.
+    """
+    new_buffer = {k: (momentum * buffer[k] if buffer else 0) + u for k, u in update.items()}
+    return {k: lr * b for k, b in new_buffer.items()}, new_buffer
+
+
+def apply_step(state: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: (v + step[k]).astype(v.dtype) for k, v in state.items()}
 
 
 def lora_products(state: Mapping[str, np.ndarray], a_override: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ averaging B is exact: mean_i(B_i A) = mean_i(B_i) A. Uplink and downlink carry h
 tensors, and DP noise added to B is not multiplied by a noisy A.
 """
 
-from raysim.methods.common import fedavg, is_lora_a
+from raysim.methods.common import mean_delta, is_lora_a
 
 NAME = "ffa_lora"
 
@@ -17,4 +17,4 @@ def trains(name: str) -> bool:
     return not is_lora_a(name)
 
 
-server_update = fedavg
+aggregate = mean_delta

@@ -5,7 +5,7 @@ independently, which is inexact: mean_i(B_i A_i) != mean_i(B_i) mean_i(A_i) once
 The run logs that gap per round as ``aggregation_error``.
 """
 
-from raysim.methods.common import fedavg
+from raysim.methods.common import mean_delta
 
 NAME = "lora"
 
@@ -15,4 +15,4 @@ def trains(name: str) -> bool:
     return True
 
 
-server_update = fedavg
+aggregate = mean_delta

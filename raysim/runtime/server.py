@@ -10,17 +10,19 @@ import numpy as np
 import ray
 
 from raysim.methods import get as get_method
-from raysim.methods.common import lora_products, relative_aggregation_error
+from raysim.methods.common import apply_step, lora_products, relative_aggregation_error, server_step
 
 _SAMPLING_STREAM = 0x5A3
 
 
 @ray.remote(num_cpus=0)
 class Server:
-    def __init__(self, method: str, seed: int, num_clients: int):
+    def __init__(self, method: str, seed: int, num_clients: int, lr: float = 1.0, momentum: float = 0.0):
         self.method = get_method(method)
         self.seed = seed
         self.num_clients = num_clients
+        self.lr, self.momentum = lr, momentum
+        self.momentum_buffer: dict[str, np.ndarray] | None = None
         self.state: dict[str, np.ndarray] = {}
         self.frozen_a: dict[str, np.ndarray] = {}
         self._broadcast_ref = None
@@ -47,12 +49,16 @@ class Server:
         if not payloads or weight_total <= 0:
             return {"aggregation_error": float("nan")}
         delta_sum = {k: sum(p["delta_sum"][k] for p in payloads) for k in self.state}
-        self.state = self.method.server_update(self.state, delta_sum, weight_total)
-        self._broadcast_ref = None
+        update = self.method.aggregate(delta_sum, weight_total)
         error = float("nan")
         if payloads[0]["product_sum"]:
+            # The error of averaging itself: the clients' mean adapter, before the server optimizer.
+            averaged = apply_step(self.state, update)
             mean_products = {k: sum(p["product_sum"][k] for p in payloads) / weight_total for k in payloads[0]["product_sum"]}
-            error = relative_aggregation_error(mean_products, lora_products(self.state, self.frozen_a))
+            error = relative_aggregation_error(mean_products, lora_products(averaged, self.frozen_a))
+        step, self.momentum_buffer = server_step(update, self.momentum_buffer, self.lr, self.momentum)
+        self.state = apply_step(self.state, step)
+        self._broadcast_ref = None
         return {"aggregation_error": error}
 
     def global_state(self) -> dict:

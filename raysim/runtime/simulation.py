@@ -34,7 +34,7 @@ from raysim.runtime.worker import ClientWorker
 
 log = logging.getLogger("raysim")
 
-_TRAIN_KEYS = ("lr", "local_steps", "batch_size", "weighting")
+_TRAIN_KEYS = ("lr", "lr_decay", "local_steps", "batch_size", "weighting")
 
 
 def _prepare_output_dir(cfg: DictConfig) -> Path:
@@ -80,7 +80,9 @@ class Simulation:
         full_parts = split_for_workers(np.arange(data.eval_full.num_rows), eval_lengths, num_workers)
         subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        self.server = Server.remote(self.cfg.method, self.cfg.seed, self.cfg.clients.num)
+        self.server = Server.remote(
+            self.cfg.method, self.cfg.seed, self.cfg.clients.num, self.cfg.server.lr, self.cfg.server.momentum
+        )
         # Each worker's shards go into the object store once, as one bundle. The driver keeps the
         # references, so a worker restarted by Ray is handed the same shards again.
         self._data_refs = [
@@ -182,6 +184,7 @@ class Simulation:
         for c in sampled:
             by_worker.setdefault(self.client_worker[c], []).append(c)
         train = {k: cfg.train[k] for k in _TRAIN_KEYS}
+        train["lr"] = cfg.train.lr * cfg.train.lr_decay ** (round_idx - 1)
         calls = {w: self.workers[w].train_clients.remote(global_ref, ids, round_idx, train) for w, ids in by_worker.items()}
 
         metas, payloads, dropped = [], [], []
@@ -198,6 +201,7 @@ class Simulation:
         completed = sum(len(m["clients"]) for m in metas)
         row: dict[str, Any] = {
             "round": round_idx,
+            "lr": train["lr"],
             "clients": completed,
             "dropped": len(dropped),
             "train_loss": sum(m["loss_sum"] for m in metas) / completed if completed else math.nan,
