@@ -162,3 +162,30 @@ def test_cli_runs_tiny_end_to_end(tmp_path):
     assert "round 2/2" in proc.stderr and "final test accuracy" in proc.stderr
     assert pq.read_table(out / "metrics.parquet").num_rows == 2
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "summary.json").exists()
+
+
+def test_bad_data_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(UserError, match="data.text_column: no column 'tweet'"):
+        Simulation(tiny_config(tmp_path, "data.text_column=tweet"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpus_asked_for_on_a_cpu_cluster_fall_back_to_cpu(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="raysim"), Simulation(tiny_config(tmp_path, "worker.num_gpus=0.5", "train.local_steps=1")) as sim:
+        assert sim.cfg.worker.num_gpus == 0
+        assert sim.run_round()["clients"] == sim.cfg.clients.per_round
+    assert "no GPU: running on CPU" in caplog.text
+    assert "num_gpus: 0.0" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_cli_refuses_more_workers_than_local_ray_can_place(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysim", "run", "configs/tiny.yaml", "worker.count=5", "ray.num_cpus=2", f"output_dir={tmp_path / 'x'}"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("raysim: error: worker.count: 5 workers x 1 CPU")
+    assert not (tmp_path / "x").exists()

@@ -37,11 +37,10 @@ log = logging.getLogger("raysim")
 _TRAIN_KEYS = ("lr", "lr_decay", "local_steps", "batch_size", "weighting")
 
 
-def _prepare_output_dir(cfg: DictConfig) -> Path:
+def _check_output_dir(cfg: DictConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
         raise UserError(f"output_dir: '{out}' already exists and is not empty; choose another or pass overwrite=true")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -61,19 +60,25 @@ class Simulation:
         if isinstance(cfg, (str, os.PathLike)):
             cfg = load_config(cfg)
         self.cfg = cfg if isinstance(cfg, DictConfig) else from_dict(cfg)
-        self.output_dir = _prepare_output_dir(self.cfg)
-        _write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
+        self.output_dir = _check_output_dir(self.cfg)
         self.round = 0
         self._rows: list[dict[str, Any]] = []
         self._owns_ray = False
 
+        # Everything a user can get wrong in the model or data fails here, before Ray or any output.
         tokenizer = load_tokenizer(self.cfg.model.name_or_path)
         data = prepare(self.cfg, tokenizer)
         self.label_names = data.label_names
         self.client_sizes = [t.num_rows for t in data.client_shards]
 
         self._init_ray()
-        num_workers = min(self._worker_count(), self.cfg.clients.num)
+        try:
+            num_workers = min(self._worker_count(), self.cfg.clients.num)
+        except UserError:
+            self.shutdown()
+            raise
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
         self.worker_clients = assign_clients(self.client_sizes, num_workers)
         self.client_worker = {c: w for w, group in enumerate(self.worker_clients) for c in group}
         eval_lengths = data.eval_full.column("length").to_numpy()
@@ -157,14 +162,26 @@ class Simulation:
         log.warning("worker %d did not come back; its clients will count as dropped", w)
 
     def _worker_count(self) -> int:
-        count = self.cfg.worker.count
-        if count != "auto":
-            return int(count)
+        """Workers to start: worker.count, or as many as the cluster's CPUs (and GPUs) fit ("auto").
+        Asks that a locally started Ray cannot meet fail now instead of leaving actors pending."""
+        w = self.cfg.worker
         resources = ray.cluster_resources()
-        fits = int(resources.get("CPU", 1) // self.cfg.worker.num_cpus)
-        if self.cfg.worker.num_gpus > 0:
-            fits = min(fits, int(resources.get("GPU", 0) // self.cfg.worker.num_gpus))
-        return max(1, fits)
+        cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+        if w.num_gpus > 0 and gpus == 0:
+            log.warning("worker.num_gpus=%g but the Ray cluster has no GPU: running on CPU", w.num_gpus)
+            w.num_gpus = 0.0
+        fits = int(cpus // w.num_cpus)
+        if w.num_gpus > 0:
+            fits = min(fits, int(gpus // w.num_gpus))
+        if w.count == "auto":
+            return max(1, fits)
+        if w.count > fits:
+            need = f"{w.count} workers x {w.num_cpus:g} CPU" + (f" x {w.num_gpus:g} GPU" if w.num_gpus else "")
+            message = f"worker.count: {need} do not fit the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs)"
+            if self._owns_ray:
+                raise UserError(message)
+            log.warning("%s; some workers wait until the cluster grows", message)
+        return int(w.count)
 
     def set_train(self, **values: Any) -> None:
         """Change training hyperparameters between rounds, e.g. ``sim.set_train(lr=1e-4)``."""
