@@ -19,6 +19,6 @@ def test_a_real_minilm_round_trains_b(tmp_path):
         after = sim.global_adapter()
     assert row["clients"] == 2 and 0.0 <= row["eval_accuracy"] <= 1.0 and np.isfinite(row["eval_loss"])
     b_keys = [k for k in after if ".lora_B." in k]
-    assert len(b_keys) == 12 and not any(".lora_A." in k for k in after)  # 6 layers x {query, value}
+    assert len(b_keys) == 6 * 6 + 1 and not any(".lora_A." in k for k in after)  # 6 layers x {q, k, v, 3 dense} + pooler
     assert all(np.abs(before[k]).max() == 0 for k in b_keys)
     assert all(np.abs(after[k]).max() > 0 for k in b_keys)

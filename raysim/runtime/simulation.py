@@ -261,10 +261,11 @@ class Simulation:
 
     def _evaluate(self, split: str) -> dict[str, float]:
         (global_ref,) = ray.get(self.server.broadcast.remote())
+        calls = [worker.evaluate.remote(global_ref, split) for worker in self.workers]  # all in parallel
         results = []
-        for w, worker in enumerate(self.workers):
+        for w, call in enumerate(calls):
             try:
-                results.append(ray.get(worker.evaluate.remote(global_ref, split)))
+                results.append(ray.get(call))
             except RayActorError:
                 log.warning("evaluation: worker %d is unavailable; its share of the %s set is skipped", w, split)
         loss, correct, n = (sum(r[i] for r in results) for i in range(3))
