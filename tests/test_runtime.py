@@ -124,7 +124,7 @@ def test_existing_output_dir_is_not_overwritten(tmp_path):
 def test_a_worker_killed_mid_round_drops_its_clients_not_the_run(tmp_path):
     import ray
 
-    cfg = tiny_config(tmp_path, "clients.per_round=10", "train.local_steps=40")
+    cfg = tiny_config(tmp_path, "clients.per_round=10", "train.local_steps=100")
     with Simulation(cfg) as sim:
         pid = ray.get(sim.workers[0].ready.remote())["pid"]
         on_worker0 = len(sim.worker_clients[0])
