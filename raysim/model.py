@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import warnings
 
 import numpy as np
@@ -39,37 +38,20 @@ def _quiet():
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
+    return _load("a tokenizer from", name_or_path, lambda: AutoTokenizer.from_pretrained(name_or_path))
+
+
+def _load(what: str, name: str, load):
     try:
         with _quiet():
-            return AutoTokenizer.from_pretrained(name_or_path)
+            return load()
     except (OSError, ValueError) as err:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}': {str(err).splitlines()[0]}") from None
+        raise UserError(f"model.name_or_path: cannot load {what} '{name}': {str(err).splitlines()[0]}") from None
 
 
-def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The base model (frozen) wrapped by PEFT LoRA, on ``device``, in train mode.
-
-    A matrices come from :func:`seeded_lora_a` (same in every process); methods that do not
-    train A get it frozen. The task head is part of the adapter (PEFT's modules_to_save).
-    """
+def _wrap_lora(cfg, model: torch.nn.Module) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    method = get_method(cfg.method)
-    overrides = dict(cfg.model.config_overrides)
-    torch.manual_seed(cfg.seed)  # same random base weights and head everywhere
-    try:
-        with _quiet():
-            if cfg.model.init == "random":
-                config = AutoConfig.from_pretrained(cfg.model.name_or_path, num_labels=num_labels, **overrides)
-                model = AutoModelForSequenceClassification.from_config(config)
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    cfg.model.name_or_path, num_labels=num_labels, **overrides
-                )
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.name_or_path: cannot load '{cfg.model.name_or_path}': {str(err).splitlines()[0]}") from None
-    model.to(device)  # before get_peft_model, so adapter tensors are created on the device
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
@@ -79,16 +61,49 @@ def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> tor
     )
     try:
         with _quiet():
-            model = get_peft_model(model, lora)
+            return get_peft_model(model, lora)
     except ValueError as err:
         raise UserError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
+
+
+def check_model(cfg, num_labels: int) -> None:
+    """Build the architecture without weights (torch's meta device) and wrap it with the LoRA
+    config, so a bad model name, config override or target module fails on the driver in a second,
+    before any actor starts."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    name = cfg.model.name_or_path
+    config = _load("a model config from", name, lambda: AutoConfig.from_pretrained(name, num_labels=num_labels, **cfg.model.config_overrides))
+    with torch.device("meta"):
+        model = _load("a model from", name, lambda: AutoModelForSequenceClassification.from_config(config))
+    _wrap_lora(cfg, model)
+
+
+def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The base model (frozen) wrapped by PEFT LoRA, on ``device``, in train mode.
+
+    A matrices come from :func:`seeded_lora_a` (same in every process); methods that do not
+    train A get it frozen. The task head is part of the adapter (PEFT's modules_to_save).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    method = get_method(cfg.method)
+    name = cfg.model.name_or_path
+    overrides = dict(cfg.model.config_overrides)
+    torch.manual_seed(cfg.seed)  # same random base weights and head everywhere
+    if cfg.model.init == "random":
+        config = _load("a model config from", name, lambda: AutoConfig.from_pretrained(name, num_labels=num_labels, **overrides))
+        model = _load("a model from", name, lambda: AutoModelForSequenceClassification.from_config(config))
+    else:
+        model = _load("a model from", name, lambda: AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **overrides))
+    model.to(device)  # before get_peft_model, so adapter tensors are created on the device
+    model = _wrap_lora(cfg, model)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if is_lora_a(name):
-                param.copy_(seeded_lora_a(name, tuple(param.shape), cfg.seed))
-                param.requires_grad_(method.trains(name))
+        for param_name, param in model.named_parameters():
+            if is_lora_a(param_name):
+                param.copy_(seeded_lora_a(param_name, tuple(param.shape), cfg.seed))
+                param.requires_grad_(method.trains(param_name))
     model.train()  # transformers loads in eval mode; dropout (and Opacus hooks) need train mode
-    logging.getLogger("raysim").debug("built %s with %d trainable tensors", cfg.model.name_or_path, len(trainable_parameters(model)))
     return model
 
 

@@ -55,10 +55,16 @@ def test_missing_config_file():
         (["run", "configs/tiny.yaml", "nonsense.key=1"], "nonsense"),
         (["run", "missing.yaml"], "missing.yaml"),
         (["run", "configs/tiny.yaml", "data.path=/nope.csv"], "/nope.csv"),
+        (["run", "configs/tiny.yaml", "lora.target_modules=[nope]"], "lora.target_modules"),
+        (["run", "configs/tiny.yaml", "model.name_or_path=/no/model"], "model.name_or_path"),
+        (["run", "configs/tiny.yaml", "data.label_column=stars"], "data.label_column"),
     ],
 )
-def test_cli_bad_input_exits_2_with_one_line(args, expect):
-    proc = subprocess.run([sys.executable, "-m", "raysim", *args], capture_output=True, text=True, cwd=CONFIG_DIR.parent)
+def test_cli_bad_input_exits_2_with_one_line(args, expect, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "raysim", *args, f"output_dir={out}"], capture_output=True, text=True, cwd=CONFIG_DIR.parent)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in proc.stderr
+    errors = [line for line in lines if line.startswith("raysim: error:")]
+    assert errors == [lines[-1]] and expect in lines[-1] and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -28,7 +28,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from raysim.config import UserError, from_dict, load_config, to_yaml
 from raysim.data.prepare import assign_clients, prepare, split_for_workers
-from raysim.model import load_tokenizer
+from raysim.model import check_model, load_tokenizer
 from raysim.runtime.server import Server
 from raysim.runtime.worker import ClientWorker
 
@@ -68,6 +68,7 @@ class Simulation:
         # Everything a user can get wrong in the model or data fails here, before Ray or any output.
         tokenizer = load_tokenizer(self.cfg.model.name_or_path)
         data = prepare(self.cfg, tokenizer)
+        check_model(self.cfg, len(data.label_names))
         self.label_names = data.label_names
         self.client_sizes = [t.num_rows for t in data.client_shards]
 
