@@ -44,6 +44,8 @@ def run(args: list[str], quiet: bool = False) -> int:
             adapter,
             summary,
         )
+        if sim.budget.enabled:
+            log.info("privacy: %s spent (epsilon, delta) = (%.3f, %g)", cfg.privacy.mode, sim.budget.epsilon, sim.budget.delta)
     finally:
         sim.shutdown()
     return 0

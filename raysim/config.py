@@ -25,6 +25,9 @@ PARTITIONS = ("iid", "dirichlet", "label_proportions", "shards")
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_SPLITS = ("test", "validation")
 WEIGHTINGS = ("examples", "uniform")
+PRIVACY_MODES = ("none", "local_dp_sgd", "central_dp")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 
 class UserError(Exception):
@@ -141,6 +144,28 @@ class EvalConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    # none | local_dp_sgd (each client runs DP-SGD: sample-level DP, the FFA-LoRA paper's setting)
+    # | central_dp (clients clip their update, the server adds noise: user-level DP-FedAvg).
+    mode: str = "none"
+    # The budget (epsilon, delta). Give target_epsilon (the noise multiplier is solved from it),
+    # or noise_multiplier (epsilon is then only reported; with both, target_epsilon caps spending).
+    target_epsilon: Optional[float] = None
+    target_delta: float = 1e-5
+    noise_multiplier: Optional[float] = None
+    # local_dp_sgd: per-sample gradient clipping bound (Opacus' max_grad_norm).
+    max_grad_norm: Optional[float] = None
+    # central_dp: bound on the L2 norm of each client's whole sent update.
+    clip_norm: Optional[float] = None
+    accountant: str = "rdp"
+    # local_dp_sgd: how Opacus gets per-sample gradient norms ("hooks" measured faster for LoRA).
+    grad_sample_mode: str = "hooks"
+    # local_dp_sgd: rounds a client's budget must last; 0 = all rounds (a client may be sampled in
+    # every one). Fewer means less noise, and clients that used their budget stop being sampled.
+    client_rounds: int = 0
+
+
+@dataclass
 class RayConfig:
     # Empty: start a local Ray instance. "auto" or "HOST:PORT" / "ray://...": connect to a cluster.
     address: str = ""
@@ -173,6 +198,7 @@ class RaysimConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
 
@@ -282,6 +308,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
     _check(cfg.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _validate_privacy(cfg)
     count = cfg.worker.count
     _check(count == "auto" or (isinstance(count, int) and count >= 1), "worker.count", "must be >= 1 or 'auto'")
     _check(cfg.worker.num_cpus > 0, "worker.num_cpus", "must be > 0")
@@ -293,6 +320,34 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(cfg.worker.max_restarts >= 0, "worker.max_restarts", "must be >= 0")
     _check(cfg.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0")
+
+
+def _validate_privacy(cfg: DictConfig) -> None:
+    p = cfg.privacy
+    _check(p.mode in PRIVACY_MODES, "privacy.mode", f"'{p.mode}' is not one of {', '.join(PRIVACY_MODES)}")
+    if p.mode == "none":
+        return
+    _check(
+        p.target_epsilon is not None or p.noise_multiplier is not None,
+        "privacy.target_epsilon",
+        f"privacy.mode={p.mode} needs privacy.target_epsilon (or privacy.noise_multiplier)",
+    )
+    _check(p.target_epsilon is None or p.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
+    _check(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier", "must be > 0")
+    _check(0 < p.target_delta < 1, "privacy.target_delta", "must be in (0, 1)")
+    _check(p.accountant in ACCOUNTANTS, "privacy.accountant", f"'{p.accountant}' is not one of {', '.join(ACCOUNTANTS)}")
+    if p.mode == "local_dp_sgd":
+        _check(p.max_grad_norm is not None, "privacy.max_grad_norm", "local_dp_sgd needs a per-sample clipping bound, e.g. 1.0")
+        _check(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+        _check(
+            p.grad_sample_mode in GRAD_SAMPLE_MODES,
+            "privacy.grad_sample_mode",
+            f"'{p.grad_sample_mode}' is not one of {', '.join(GRAD_SAMPLE_MODES)}",
+        )
+        _check(p.client_rounds >= 0, "privacy.client_rounds", "must be >= 0")
+    else:
+        _check(p.clip_norm is not None, "privacy.clip_norm", "central_dp needs a bound on each client's update norm, e.g. 0.1")
+        _check(p.clip_norm > 0, "privacy.clip_norm", "must be > 0")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -7,9 +7,10 @@ moments. The model itself is shared; a client's adapter is *copied into* it (:fu
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ class ClientState:
     batches: list[np.ndarray] = field(default_factory=list)  # this epoch's remaining batches
     cursor: int = 0
     optimizer_state: dict[int, dict] = field(default_factory=dict)
-    steps_done: int = 0
+    accountant: Any = None  # local DP: the client's Opacus accountant, alive across rounds
 
     @classmethod
     def new(cls, seed: int, client_id: int) -> "ClientState":
@@ -75,6 +76,12 @@ def next_batch(state: ClientState, lengths: np.ndarray, batch_size: int) -> np.n
     return state.batches[state.cursor - 1]
 
 
+def shuffled_batches(state: ClientState, lengths: np.ndarray, batch_size: int, steps: int) -> Iterator[np.ndarray]:
+    """``steps`` batches of the client's shuffled epochs (the non-private sampling)."""
+    for _ in range(steps):
+        yield next_batch(state, lengths, batch_size)
+
+
 def collate(data: ClientData, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels) trimmed to the longest row of the batch."""
     width = int(data.lengths[idx].max())
@@ -112,23 +119,30 @@ def local_train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     data: ClientData,
-    state: ClientState,
-    steps: int,
-    batch_size: int,
+    batches: Iterable[np.ndarray],
     device: torch.device,
+    loss_fn: Callable = F.cross_entropy,
 ) -> float:
-    """Run ``steps`` optimizer steps on the client's data; returns the mean training loss."""
-    total = 0.0
-    for _ in range(steps):
-        ids, mask, labels = collate(data, next_batch(state, data.lengths, batch_size), device)
+    """One optimizer step per batch of row indices; returns the mean training loss.
+
+    An empty batch (possible under Poisson sampling) still takes a step: the loss of one row times
+    zero, so DP-SGD adds its noise as it must, and nothing is learned from that row.
+    """
+    total, counted = 0.0, 0
+    for idx in batches:
+        empty = len(idx) == 0
+        ids, mask, labels = collate(data, np.zeros(1, dtype=np.int64) if empty else idx, device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = F.cross_entropy(logits, labels)
+        loss = loss_fn(logits, labels)
+        if empty:
+            loss = loss * 0.0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item()
-    state.steps_done += steps
-    return total / steps
+        if not empty:
+            total += loss.item()
+            counted += 1
+    return total / counted if counted else math.nan
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from raysim import Simulation, UserError
 from raysim.data.prepare import prepare
 from raysim.methods.common import lora_products, relative_aggregation_error
 from raysim.model import adapter_state, build_model, frozen_lora_a, load_tokenizer, trainable_parameters
-from raysim.training import ClientData, ClientState, load_adapter, local_train, make_optimizer, step_seed
+from raysim.training import ClientData, ClientState, load_adapter, local_train, make_optimizer, shuffled_batches, step_seed
 from raysim.data.loading import from_arrow
 
 from conftest import tiny_config
@@ -37,7 +37,8 @@ def _expected_round(cfg, sampled):
         shard = ClientData(*from_arrow(data.client_shards[cid]))
         optimizer = make_optimizer(cfg.train, list(params.values()))
         torch.manual_seed(step_seed(cfg.seed, 1, cid))
-        local_train(model, optimizer, shard, ClientState.new(cfg.seed, cid), cfg.train.local_steps, cfg.train.batch_size, torch.device("cpu"))
+        batches = shuffled_batches(ClientState.new(cfg.seed, cid), shard.lengths, cfg.train.batch_size, cfg.train.local_steps)
+        local_train(model, optimizer, shard, batches, torch.device("cpu"))
         finals.append(adapter_state(model))
         weights.append(float(len(shard)))
     total = sum(weights)

@@ -16,6 +16,7 @@ from raysim.training import (
     local_train,
     make_optimizer,
     saved_optimizer_state,
+    shuffled_batches,
     swap_optimizer_state,
 )
 
@@ -62,7 +63,8 @@ def test_local_training_moves_b_but_not_a(ffa_model):
     start = {k: v.detach().clone() for k, v in params.items()}
     frozen_before = frozen_lora_a(ffa_model)
     opt = make_optimizer(TRAIN_CFG, list(params.values()))
-    loss = local_train(ffa_model, opt, _data(), ClientState.new(0, 1), steps=3, batch_size=8, device=torch.device("cpu"))
+    data = _data()
+    loss = local_train(ffa_model, opt, data, shuffled_batches(ClientState.new(0, 1), data.lengths, 8, 3), torch.device("cpu"))
     assert np.isfinite(loss)
     moved = [k for k in params if not torch.equal(params[k], start[k])]
     assert any(".lora_B." in k for k in moved) and any("classifier" in k for k in moved)
@@ -79,13 +81,13 @@ def test_optimizer_state_is_kept_per_client(ffa_model):
     one, two = ClientState.new(0, 1), ClientState.new(0, 2)
     for state in (one, two):
         swap_optimizer_state(opt, params, state.optimizer_state)
-        local_train(ffa_model, opt, data, state, steps=2, batch_size=8, device=torch.device("cpu"))
+        local_train(ffa_model, opt, data, shuffled_batches(state, data.lengths, 8, 2), torch.device("cpu"))
         state.optimizer_state = saved_optimizer_state(opt, params)
     assert one.optimizer_state and two.optimizer_state
     step_of = lambda s: float(next(iter(s.optimizer_state.values()))["step"])  # noqa: E731
     assert step_of(one) == 2 and step_of(two) == 2
     swap_optimizer_state(opt, params, one.optimizer_state)
-    local_train(ffa_model, opt, data, one, steps=1, batch_size=8, device=torch.device("cpu"))
+    local_train(ffa_model, opt, data, shuffled_batches(one, data.lengths, 8, 1), torch.device("cpu"))
     assert step_of(one) == 3 and step_of(two) == 2
     swap_optimizer_state(opt, params, {})
     assert not opt.state

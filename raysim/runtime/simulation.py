@@ -26,9 +26,10 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from raysim.config import UserError, from_dict, load_config, to_yaml
+from raysim.config import ConfigError, UserError, from_dict, load_config, to_yaml
 from raysim.data.prepare import assign_clients, prepare, split_for_workers
 from raysim.model import check_model, load_tokenizer
+from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
 from raysim.runtime.server import Server
 from raysim.runtime.worker import ClientWorker
 
@@ -71,6 +72,7 @@ class Simulation:
         check_model(self.cfg, len(data.label_names))
         self.label_names = data.label_names
         self.client_sizes = [t.num_rows for t in data.client_shards]
+        self.budget = self._plan_privacy()
 
         self._init_ray()
         try:
@@ -86,8 +88,12 @@ class Simulation:
         full_parts = split_for_workers(np.arange(data.eval_full.num_rows), eval_lengths, num_workers)
         subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        central_dp = None
+        if self.budget.mode == "central_dp":
+            b = self.budget
+            central_dp = {"noise_multiplier": b.noise_multiplier, "clip_norm": b.clip_norm, "sample_rate": b.sample_rate}
         self.server = Server.remote(
-            self.cfg.method, self.cfg.seed, self.cfg.clients.num, self.cfg.server.lr, self.cfg.server.momentum
+            self.cfg.method, self.cfg.seed, self.cfg.clients.num, self.cfg.server.lr, self.cfg.server.momentum, central_dp
         )
         # Each worker's shards go into the object store once, as one bundle. The driver keeps the
         # references, so a worker restarted by Ray is handed the same shards again.
@@ -108,7 +114,7 @@ class Simulation:
             for w in range(num_workers)
         ]
         try:
-            ready = ray.get([w.load.remote(*refs) for w, refs in zip(self.workers, self._data_refs)])
+            ready = ray.get([worker.load.remote(*self._load_args(w)) for w, worker in enumerate(self.workers)])
             initial, frozen_a = ray.get(self.workers[0].initial_adapter.remote())
         except (ray.exceptions.RayTaskError, RayActorError) as err:
             self.shutdown()
@@ -127,6 +133,33 @@ class Simulation:
             self.sent_bytes_per_client / 1024,
             self.startup_s,
         )
+        if self.budget.enabled:
+            log.info("privacy: %s", self.budget.describe())
+
+    def _plan_privacy(self) -> PrivacyBudget:
+        """Solve the noise for the privacy target up front: an unreachable target fails here."""
+        cfg = self.cfg
+        try:
+            return PrivacyBudget(
+                cfg.privacy, self.client_sizes, cfg.rounds, cfg.train.local_steps, cfg.train.batch_size, cfg.clients.per_round
+            )
+        except ValueError as err:
+            raise ConfigError(
+                f"privacy.target_epsilon: {cfg.privacy.target_epsilon:g} cannot be reached at delta={cfg.privacy.target_delta:g} "
+                f"for {cfg.rounds} rounds ({err}); raise it, or use fewer rounds or privacy.client_rounds"
+            ) from None
+
+    def _load_args(self, w: int) -> tuple:
+        """What worker ``w`` is loaded with: its shards, its evaluation slices, and under local DP
+        its clients' noise and accountant histories so far."""
+        privacy = None
+        if self.budget.mode == "local_dp_sgd":
+            group = self.worker_clients[w]
+            privacy = {
+                "noise": {c: self.budget.noise[c] for c in group},
+                "histories": {c: self.budget.histories.get(c, []) for c in group},
+            }
+        return (*self._data_refs[w], privacy)
 
     def _init_ray(self) -> None:
         if ray.is_initialized():
@@ -153,7 +186,7 @@ class Simulation:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                ray.get(self.workers[w].load.remote(*self._data_refs[w]))
+                ray.get(self.workers[w].load.remote(*self._load_args(w)))
                 log.warning("worker %d was restarted; its clients' local state starts over", w)
                 return
             except ActorUnavailableError:
@@ -192,11 +225,15 @@ class Simulation:
             self.cfg.train[key] = value
 
     def run_round(self) -> dict[str, Any]:
-        """One round: sample, broadcast, train on the workers in parallel, aggregate, evaluate."""
+        """One round: sample, broadcast, train on the workers in parallel, aggregate, evaluate.
+
+        Raises BudgetExhausted, before doing anything, when no round fits the privacy budget."""
         started = time.perf_counter()
         cfg = self.cfg
         round_idx = self.round + 1
-        sampled = ray.get(self.server.sample.remote(round_idx, cfg.clients.per_round))
+        self.budget.check_next_round(cfg.clients.num)
+        excluded = sorted(self.budget.exhausted)
+        sampled = ray.get(self.server.sample.remote(round_idx, cfg.clients.per_round, excluded))
         (global_ref,) = ray.get(self.server.broadcast.remote())
         by_worker: dict[int, list[int]] = {}
         for c in sampled:
@@ -215,8 +252,16 @@ class Simulation:
                 log.warning("round %d: worker %d died (%s); its %d clients count as dropped", round_idx, w, type(err).__name__, len(by_worker[w]))
                 self._reload(w)
         weight = sum(m["weight"] for m in metas)
-        server_metrics = ray.get(self.server.aggregate.remote(weight, *payloads))
+        server_metrics = ray.get(self.server.aggregate.remote(round_idx, weight, *payloads))
         completed = sum(len(m["clients"]) for m in metas)
+        newly_exhausted = self.budget.record_round({c: p for m in metas for c, p in m["privacy"].items()})
+        if newly_exhausted:
+            log.info(
+                "round %d: client(s) %s reached the privacy budget (epsilon %g) and will not be sampled again",
+                round_idx,
+                ", ".join(map(str, newly_exhausted)),
+                self.cfg.privacy.target_epsilon,
+            )
         row: dict[str, Any] = {
             "round": round_idx,
             "lr": train["lr"],
@@ -227,6 +272,8 @@ class Simulation:
             "uplink_bytes": completed * self.sent_bytes_per_client,
             "downlink_bytes": len(sampled) * self.sent_bytes_per_client,
             "train_s": max((m["train_s"] for m in metas), default=0.0),
+            "epsilon": self.budget.epsilon,
+            "delta": self.budget.delta if self.budget.enabled else 0.0,
         }
         eval_started = time.perf_counter()
         if round_idx % cfg.eval.every == 0:
@@ -249,7 +296,11 @@ class Simulation:
         target = self.round + rounds
         bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, leave=False)
         for _ in range(rounds):
-            row = self.run_round()
+            try:
+                row = self.run_round()
+            except BudgetExhausted as reason:
+                log.warning("privacy budget: %s; stopping after round %d", reason, self.round)
+                break
             bar.update(1)
             bar.set_postfix(acc=f"{row['eval_accuracy']:.3f}", loss=f"{row['train_loss']:.3f}")
             line = format_row(row, target)
@@ -280,9 +331,18 @@ class Simulation:
     def metrics(self) -> pa.Table:
         return pa.Table.from_pylist(self._rows)
 
+    def client_privacy(self) -> pa.Table:
+        """Local DP: each client's noise multiplier, DP-SGD steps taken and epsilon spent."""
+        if self.budget.mode != "local_dp_sgd":
+            return pa.table({})
+        return pa.Table.from_pylist(self.budget.client_rows(self.cfg.train.batch_size))
+
     def _write_metrics(self) -> None:
         table = self.metrics
         _write_atomic(self.output_dir / "metrics.parquet", lambda p: pq.write_table(table, p))
+        if self.budget.mode == "local_dp_sgd":
+            clients = self.client_privacy()
+            _write_atomic(self.output_dir / "privacy.parquet", lambda p: pq.write_table(clients, p))
 
     def global_adapter(self) -> dict[str, np.ndarray]:
         return ray.get(self.server.global_state.remote())
@@ -316,6 +376,7 @@ class Simulation:
             "downlink_bytes": int(sum(r["downlink_bytes"] for r in rows)),
             "startup_s": round(self.startup_s, 3),
             "rounds_wall_s": round(sum(r["wall_s"] for r in rows), 3),
+            "privacy": self.budget.summary(),
         }
         path = self.output_dir / "summary.json"
         _write_atomic(path, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
@@ -364,5 +425,7 @@ def format_row(row: dict[str, Any], total_rounds: int) -> str:
     ]
     if not math.isnan(row["aggregation_error"]):
         parts.append(f"agg_err {row['aggregation_error']:.2e}")
+    if math.isfinite(row["epsilon"]):
+        parts.append(f"eps {row['epsilon']:.3f}")
     parts.append(f"{row['wall_s']:.1f}s")
     return " | ".join(parts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ from omegaconf import OmegaConf
 from raysim.data.loading import from_arrow
 from raysim.methods.common import lora_pairs
 from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_parameters
+from raysim.privacy.accounting import epsilon
+from raysim.privacy.central_dp import clip_update
+from raysim.privacy.local_dp import DPSGD, poisson_batch, sample_rate
 from raysim.training import (
     ClientData,
     ClientState,
@@ -31,9 +35,12 @@ from raysim.training import (
     local_train,
     make_optimizer,
     saved_optimizer_state,
+    shuffled_batches,
     step_seed,
     swap_optimizer_state,
 )
+
+_DP_NOISE_STREAM = 0x4E
 
 
 def actor_device() -> torch.device:
@@ -57,18 +64,70 @@ class ClientWorker:
         self.params = trainable_parameters(self.model)
         self.param_list = list(self.params.values())
         self.optimizer = make_optimizer(self.cfg.train, self.param_list)
+        self.privacy = self.cfg.privacy
+        self.dp = None
+        if self.privacy.mode == "local_dp_sgd":
+            # Opacus' backward hooks fire on frozen embeddings too; harmless, and it warns each step.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            self.dp = DPSGD(self.model, self.optimizer, self.privacy.max_grad_norm, self.privacy.grad_sample_mode)
+        self.noise: dict[int, float] = {}
+        self.histories: dict[int, list] = {}
         self.frozen_a = {k: torch.from_numpy(v).to(self.device) for k, v in frozen_lora_a(self.model).items()}
         self.pairs = lora_pairs(list(self.params) + list(self.frozen_a))
         self.clients: dict[int, ClientData] = {}
         self.eval_sets: dict[str, ClientData] = {}
         self.states: dict[int, ClientState] = {}
 
-    def load(self, shards: dict[int, pa.Table], eval_tables: dict[str, pa.Table]) -> dict:
-        """Take this worker's client shards and evaluation slices (again after a restart)."""
+    def load(self, shards: dict[int, pa.Table], eval_tables: dict[str, pa.Table], privacy: dict | None = None) -> dict:
+        """Take this worker's client shards and evaluation slices (again after a restart), and under
+        local DP its clients' noise multipliers and accountant histories (kept by the driver, so a
+        restart never resets a client's epsilon)."""
         self.clients = {cid: _as_client_data(t) for cid, t in shards.items()}
         self.eval_sets = {name: _as_client_data(t) for name, t in eval_tables.items()}
         self.states = {}
+        privacy = privacy or {}
+        self.noise = privacy.get("noise", {})
+        self.histories = privacy.get("histories", {})
         return self.ready()
+
+    def _state(self, cid: int) -> ClientState:
+        if cid not in self.states:
+            state = ClientState.new(self.cfg.seed, cid)
+            if self.dp:
+                from opacus.accountants import create_accountant
+
+                state.accountant = create_accountant(mechanism=self.privacy.accountant)
+                state.accountant.history = [tuple(h) for h in self.histories.get(cid, [])]
+            self.states[cid] = state
+        return self.states[cid]
+
+    def _train_private(self, cid: int, data: ClientData, state: ClientState, train_cfg, round_idx: int) -> tuple[float, dict]:
+        """DP-SGD steps for one client; (loss, its accounting), or (nan, ...) without training
+        when this round would take it over its budget."""
+        privacy = self.privacy
+        sigma, rate, steps = self.noise[cid], sample_rate(len(data), train_cfg.batch_size), train_cfg.local_steps
+        history = list(state.accountant.history)
+        target = privacy.target_epsilon
+
+        def spent(extra_steps: int) -> float:
+            return epsilon(history + [(sigma, rate, extra_steps)], privacy.target_delta, privacy.accountant)
+
+        if target is not None and spent(steps) > target:
+            return float("nan"), {"history": history, "epsilon": spent(0), "exhausted": True, "trained": False}
+        generator = torch.Generator(device=self.device).manual_seed(step_seed(self.cfg.seed, round_idx, cid) ^ _DP_NOISE_STREAM)
+        self.dp.set_client(sigma, rate * len(data), generator)
+        batches = (poisson_batch(state.rng, len(data), rate) for _ in range(steps))
+        loss = local_train(self.model, self.dp.optimizer, data, batches, self.device, self.dp.loss)
+        for _ in range(steps):
+            state.accountant.step(noise_multiplier=sigma, sample_rate=rate)
+        history = list(state.accountant.history)
+        info = {
+            "history": history,
+            "epsilon": spent(0),
+            "exhausted": target is not None and spent(steps) > target,
+            "trained": True,
+        }
+        return loss, info
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "clients": len(self.clients)}
@@ -86,28 +145,45 @@ class ClientWorker:
         """Train each client from the global adapter; return (small metadata, partial sums)."""
         start = time.perf_counter()
         train_cfg = OmegaConf.create(train)
-        for group in self.optimizer.param_groups:
+        optimizer = self.dp.optimizer if self.dp else self.optimizer
+        for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr
+        central = self.privacy.mode == "central_dp"
         start_state = self._to_device(global_state)
         delta_sum = {k: torch.zeros_like(v) for k, v in start_state.items()}
-        want_products = bool(self.cfg.eval.aggregation_error)
+        want_products = bool(self.cfg.eval.aggregation_error) and not central
         product_sum = {}
-        weight_total, loss_sum = 0.0, 0.0
+        weight_total, loss_sum, trained, privacy = 0.0, 0.0, [], {}
         for cid in client_ids:
             data = self.clients[cid]
-            state = self.states.setdefault(cid, ClientState.new(self.cfg.seed, cid))
+            state = self._state(cid)
             load_adapter(self.params, start_state)
             swap_optimizer_state(self.optimizer, self.param_list, state.optimizer_state)
             torch.manual_seed(step_seed(self.cfg.seed, round_idx, cid))
-            loss_sum += local_train(
-                self.model, self.optimizer, data, state, train_cfg.local_steps, train_cfg.batch_size, self.device
-            )
+            if self.dp:
+                loss, privacy[cid] = self._train_private(cid, data, state, train_cfg, round_idx)
+                if not privacy[cid]["trained"]:
+                    continue
+            else:
+                batches = shuffled_batches(state, data.lengths, train_cfg.batch_size, train_cfg.local_steps)
+                loss = local_train(self.model, self.optimizer, data, batches, self.device)
             state.optimizer_state = saved_optimizer_state(self.optimizer, self.param_list)
-            weight = float(len(data)) if train_cfg.weighting == "examples" else 1.0
+            trained.append(cid)
+            loss_sum += loss
+            # Central DP bounds each client's contribution, so each counts once (DP-FedAvg).
+            weight = float(len(data)) if train_cfg.weighting == "examples" and not central else 1.0
             weight_total += weight
             with torch.no_grad():
+                delta = {k: self.params[k] - start_state[k] for k in delta_sum}
+                if self.dp and not any(bool(d.any()) for d in delta.values()):
+                    raise RuntimeError(
+                        f"client {cid}: DP-SGD left every trained tensor unchanged, so Opacus computed no "
+                        "per-sample gradients (is the model in train mode?)"
+                    )
+                if central:
+                    delta, _ = clip_update(delta, self.privacy.clip_norm)
                 for k, total in delta_sum.items():
-                    total.add_(self.params[k] - start_state[k], alpha=weight)
+                    total.add_(delta[k], alpha=weight)
                 if want_products:
                     for prefix, (a, b) in self.pairs.items():
                         a_mat = self.params[a] if a in self.params else self.frozen_a[a]
@@ -118,10 +194,11 @@ class ClientWorker:
                             product_sum[prefix] = product * weight
         meta = {
             "worker": self.index,
-            "clients": list(client_ids),
+            "clients": trained,
             "weight": weight_total,
             "loss_sum": loss_sum,
             "train_s": time.perf_counter() - start,
+            "privacy": privacy,
         }
         payload = {
             "delta_sum": {k: v.cpu().numpy() for k, v in delta_sum.items()},

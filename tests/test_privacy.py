@@ -1,0 +1,206 @@
+"""Privacy math without Ray: accounting against Opacus' accountants, clipping against independent
+per-example gradients, central DP noise, and the driver's budget."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from raysim.config import CONFIG_DIR, ConfigError, load_config
+from raysim.model import build_model, trainable_parameters
+from raysim.privacy.accounting import epsilon, solve_noise_multiplier
+from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
+from raysim.privacy.central_dp import clip_update, noisy_mean, poisson_clients, update_norm
+from raysim.privacy.local_dp import DPSGD, plan_noise, poisson_batch, sample_rate
+from raysim.training import ClientData, collate
+
+from conftest import tiny_config
+
+HISTORIES = [
+    [(1.1, 0.01, 100)],
+    [(0.8, 0.05, 30), (1.3, 0.02, 70)],
+    [(2.0, 1.0, 5)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_rdp_epsilon_equals_opacus_rdp_accountant(history):
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    assert epsilon(history, 1e-5, "rdp") == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_prv_epsilon_equals_opacus_prv_accountant():
+    accountant = PRVAccountant()
+    accountant.history = list(HISTORIES[1])
+    assert epsilon(HISTORIES[1], 1e-5, "prv") == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_epsilon_grows_with_steps_and_is_zero_before_any():
+    spent = [epsilon([(1.0, 0.05, steps)], 1e-5) for steps in (0, 1, 10, 100)]
+    assert spent[0] == 0 and all(a < b for a, b in zip(spent, spent[1:]))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_solved_noise_reaches_the_target_without_exceeding_it(accountant):
+    sigma = solve_noise_multiplier(3.0, 1e-5, 0.05, 200, accountant)
+    reference = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    reference.history = [(sigma, 0.05, 200)]
+    spent = reference.get_epsilon(1e-5)
+    assert 2.7 < spent <= 3.0
+
+
+def test_an_unreachable_target_is_an_error():
+    with pytest.raises(ValueError, match="too low"):
+        solve_noise_multiplier(1e-4, 1e-9, 1.0, 10**6)
+
+
+def test_planned_noise_keeps_every_client_within_the_target_with_few_solves():
+    sizes = [17, 40, 41, 45, 300, 301, 1000, 5]
+    sigmas = plan_noise(sizes, batch_size=16, steps=50, target_epsilon=4.0, delta=1e-5, accountant="rdp")
+    for n, sigma in zip(sizes, sigmas):
+        assert 3.0 < epsilon([(sigma, sample_rate(n, 16), 50)], 1e-5) <= 4.0
+    assert sigmas[1] == sigmas[2] and len(set(sigmas)) < len(sizes)  # 40 and 41 share a rate cell
+    assert sigmas[-1] == max(sigmas)  # the smallest client samples at rate 1: the most noise
+
+
+def test_poisson_sampling_rates():
+    rng = np.random.default_rng(0)
+    sizes = [len(poisson_batch(rng, 1000, 0.05)) for _ in range(400)]
+    assert abs(np.mean(sizes) - 50) < 2 and np.std(sizes) > 3
+    chosen = [len(poisson_clients(rng, 200, 0.1)) for _ in range(400)]
+    assert abs(np.mean(chosen) - 20) < 1.5
+
+
+def test_clip_update_bounds_the_norm_over_all_tensors():
+    gen = torch.Generator().manual_seed(0)
+    update = {"a": torch.randn(4, 8, generator=gen), "b": torch.randn(3, generator=gen)}
+    norm = float(torch.sqrt(sum((t**2).sum() for t in update.values())))
+    clipped, before = clip_update(update, 0.5)
+    assert before == pytest.approx(norm) and update_norm(clipped) == pytest.approx(0.5, rel=1e-6)
+    for k in update:  # same direction
+        assert torch.allclose(clipped[k] * norm / 0.5, update[k], atol=1e-5)
+    unchanged, _ = clip_update(update, 2 * norm)
+    assert all(torch.equal(unchanged[k], update[k]) for k in update)
+
+
+def test_noisy_mean_adds_the_calibrated_noise():
+    total = {"w": np.full((400, 500), 3.0, np.float32)}
+    exact = noisy_mean(total, 0.0, 1.0, 4.0, np.random.default_rng(0))
+    np.testing.assert_allclose(exact["w"], 0.75)
+    noisy = noisy_mean(total, 2.0, 0.5, 4.0, np.random.default_rng(0))
+    residual = noisy["w"] - 0.75
+    assert noisy["w"].dtype == np.float32
+    assert abs(residual.mean()) < 0.005 and residual.std() == pytest.approx(2.0 * 0.5 / 4.0, rel=0.01)
+
+
+def _batch(n=6, width=12, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, width, n).astype(np.int32)
+    ids = np.zeros((n, width), np.int32)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = rng.integers(1000, 2000, length)
+    return ClientData(ids, lengths, rng.integers(0, 3, n))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("method", ["ffa_lora", "lora"])
+def test_dp_sgd_clips_each_example_like_an_independent_computation(tmp_path, mode, method):
+    """With zero noise, Opacus' gradient must equal sum_i g_i * min(1, C/|g_i|) / B, where each g_i
+    is computed here by its own backward pass on an identical model."""
+    # No dropout (attention dropout included), so separate forward passes compute the same function.
+    no_dropout = ["model.config_overrides.hidden_dropout_prob=0", "model.config_overrides.attention_probs_dropout_prob=0"]
+    cfg = tiny_config(tmp_path, f"method={method}", *no_dropout)
+    data, clip, expected_batch = _batch(), 0.05, 4.0
+    reference = build_model(cfg, 3)
+    ref_params = trainable_parameters(reference)
+    clipped_sum = {k: torch.zeros_like(p) for k, p in ref_params.items()}
+    ids, mask, labels = collate(data, np.arange(len(data)), torch.device("cpu"))
+    for i in range(len(data)):  # each row exactly as it is in the batch (same padding)
+        reference.zero_grad()
+        F.cross_entropy(reference(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits, labels[i : i + 1]).backward()
+        norm = float(torch.sqrt(sum((p.grad**2).sum() for p in ref_params.values())))
+        factor = min(1.0, clip / norm)
+        assert norm > clip  # clipping is active, so the test can fail
+        for k, p in ref_params.items():
+            clipped_sum[k] += p.grad * factor
+
+    model = build_model(cfg, 3)
+    params = trainable_parameters(model)
+    dp = DPSGD(model, torch.optim.SGD(list(params.values()), lr=0.0), clip, mode)
+    dp.set_client(0.0, expected_batch, torch.Generator().manual_seed(0))
+    dp.optimizer.zero_grad()
+    dp.loss(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+    dp.optimizer.pre_step()  # clip, add noise, scale: leaves the private gradient in .grad
+    got = torch.cat([p.grad.flatten() for p in params.values()])
+    expected = torch.cat([clipped_sum[k].flatten() for k in params]) / expected_batch
+    assert float((got - expected).norm() / expected.norm()) < 1e-4
+
+
+def test_dp_sgd_noise_moves_every_trained_tensor_in_train_mode(tmp_path):
+    model = build_model(tiny_config(tmp_path), 3)
+    params = trainable_parameters(model)
+    before = {k: p.detach().clone() for k, p in params.items()}
+    dp = DPSGD(model, torch.optim.SGD(list(params.values()), lr=0.1), 1.0)
+    dp.set_client(1.0, 4.0, torch.Generator().manual_seed(0))
+    ids, mask, labels = collate(_batch(), np.arange(6), torch.device("cpu"))
+    dp.optimizer.zero_grad()
+    dp.loss(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+    dp.optimizer.step()
+    assert all(not torch.equal(before[k], p) for k, p in params.items())
+
+
+def _privacy(**values):
+    base = {"mode": "none", "target_epsilon": None, "target_delta": 1e-5, "noise_multiplier": None,
+            "max_grad_norm": 1.0, "clip_norm": 0.1, "accountant": "rdp", "grad_sample_mode": "hooks", "client_rounds": 0}
+    return OmegaConf.create({**base, **values})
+
+
+def test_central_budget_stops_before_the_round_that_would_exceed_it():
+    budget = PrivacyBudget(_privacy(mode="central_dp", target_epsilon=2.0), [50] * 100, rounds=10, local_steps=5, batch_size=8, per_round=10)
+    spent = []
+    for _ in range(10):
+        budget.check_next_round(100)
+        budget.record_round({})
+        spent.append(budget.epsilon)
+    reference = RDPAccountant()
+    reference.history = [(budget.noise_multiplier, 0.1, 10)]
+    assert spent[-1] == pytest.approx(reference.get_epsilon(1e-5)) and spent[-1] <= 2.0
+    assert all(a < b for a, b in zip(spent, spent[1:]))
+    with pytest.raises(BudgetExhausted):
+        budget.check_next_round(100)
+
+
+def test_local_budget_excludes_exhausted_clients_and_reports_the_largest_epsilon():
+    budget = PrivacyBudget(_privacy(mode="local_dp_sgd", target_epsilon=3.0), [40, 80], rounds=4, local_steps=5, batch_size=8, per_round=1)
+    newly = budget.record_round({0: {"history": [(1.0, 0.2, 5)], "epsilon": 2.5, "exhausted": True},
+                                 1: {"history": [(1.0, 0.1, 5)], "epsilon": 1.0, "exhausted": False}})
+    assert newly == [0] and budget.exhausted == {0} and budget.epsilon == 2.5
+    assert [r["steps"] for r in budget.client_rows(8)] == [5, 5]
+    budget.record_round({1: {"history": [(1.0, 0.1, 10)], "epsilon": 1.5, "exhausted": True}})
+    with pytest.raises(BudgetExhausted):
+        budget.check_next_round(2)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["privacy.mode=local_dp_sgd", "privacy.target_epsilon=0", "privacy.max_grad_norm=1"], "privacy.target_epsilon"),
+        (["privacy.mode=local_dp_sgd", "privacy.target_epsilon=-1", "privacy.max_grad_norm=1"], "privacy.target_epsilon"),
+        (["privacy.mode=central_dp", "privacy.target_epsilon=3", "privacy.clip_norm=0.1", "privacy.target_delta=1"], "privacy.target_delta"),
+        (["privacy.mode=central_dp", "privacy.target_epsilon=3", "privacy.clip_norm=0.1", "privacy.target_delta=0"], "privacy.target_delta"),
+        (["privacy.mode=central_dp", "privacy.target_epsilon=3"], "privacy.clip_norm"),
+        (["privacy.mode=local_dp_sgd", "privacy.target_epsilon=3"], "privacy.max_grad_norm"),
+        (["privacy.mode=local_dp_sgd", "privacy.max_grad_norm=1"], "privacy.target_epsilon"),
+        (["privacy.mode=dp"], "privacy.mode"),
+        (["privacy.mode=central_dp", "privacy.noise_multiplier=1", "privacy.clip_norm=1", "privacy.accountant=gdp"], "privacy.accountant"),
+    ],
+)
+def test_bad_privacy_values_name_their_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG_DIR / "tiny.yaml", overrides)
+    assert str(err.value).startswith(key)
