@@ -1,8 +1,6 @@
 """Privacy math without Ray: accounting against Opacus' accountants, clipping against independent
 per-example gradients, central DP noise, and the driver's budget."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
