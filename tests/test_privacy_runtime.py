@@ -99,14 +99,15 @@ def test_a_restarted_worker_continues_its_clients_accounting(tmp_path):
             assert row["steps"] == rounds_in * cfg.train.local_steps
 
 
-@pytest.mark.skipif(not os.environ.get("RAYSIM_SLOW"), reason="about 5 minutes on 2 CPU cores; set RAYSIM_SLOW=1")
+@pytest.mark.long
+@pytest.mark.skipif(not os.environ.get("RAYSIM_LONG"), reason="about 3 minutes on 2 CPU cores; set RAYSIM_LONG=1")
 def test_local_dp_at_epsilon_6_still_learns(tmp_path):
     """DP-SGD at epsilon=6 on the quickstart model beats the majority class. The random tiny model
     needs hundreds of noiseless steps to leave the majority-class plateau, so it cannot show this
     in test time (docs/PRIVACY.md)."""
     overrides = [
         f"output_dir={tmp_path / 'run'}", "rounds=3", "clients.num=2", "clients.per_round=2", "data.partition=iid",
-        "data.test_fraction=0.05", "train.local_steps=10", "train.batch_size=64", "train.lr_decay=1", "eval.max_examples=500",
+        "data.test_fraction=0.03", "train.local_steps=10", "train.batch_size=64", "train.lr_decay=1", "eval.every=3",
         "privacy.mode=local_dp_sgd", "privacy.target_epsilon=6", "privacy.max_grad_norm=1.0",
     ]
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", overrides)

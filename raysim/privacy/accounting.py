@@ -33,10 +33,11 @@ def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _quiet_orders():
+def _quiet():
     """Opacus warns when the best RDP order is at the end of its range (the bound is then a little
-    loose, never wrong); a search over noise levels hits that routinely."""
-    with warnings.catch_warnings():
+    loose, never wrong), which a search over noise levels hits routinely; its PRV code takes
+    log(1 - q), which numpy flags at q = 1 although the result is handled."""
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.filterwarnings("ignore", message="Optimal order is the")
         yield
 
@@ -48,19 +49,20 @@ def epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountan
         return 0.0
     if accountant == "rdp":
         total = sum(steps * _rdp_per_step(q, sigma) for sigma, q, steps in history)
-        with _quiet_orders():
+        with _quiet():
             eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
         return float(eps)
     acc = create_accountant(mechanism=accountant)
     acc.history = history
-    return float(acc.get_epsilon(delta=delta))
+    with _quiet():
+        return float(acc.get_epsilon(delta=delta))
 
 
 def solve_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """The smallest noise multiplier (within Opacus' tolerance) whose epsilon after ``steps`` steps
     at ``sample_rate`` is at most ``target_epsilon``. ValueError if no noise is large enough."""
     kwargs = {"alphas": _INTEGER_ORDERS} if accountant == "rdp" else {}
-    with _quiet_orders():
+    with _quiet():
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,

@@ -11,6 +11,7 @@ batch size = batch_size), the sampling Opacus' accountants assume.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -60,6 +61,9 @@ class DPSGD:
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
+        # Opacus' backward hooks also fire where no input needs a gradient (frozen embeddings):
+        # harmless, and torch would warn at every step.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         ghost = grad_sample_mode == "ghost"
         extra = {"max_grad_norm": max_grad_norm} if ghost else {}
         # Hooks on the model's trainable layers (no wrapper module): the model must be in train mode.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +66,6 @@ class ClientWorker:
         self.privacy = self.cfg.privacy
         self.dp = None
         if self.privacy.mode == "local_dp_sgd":
-            # Opacus' backward hooks fire on frozen embeddings too; harmless, and it warns each step.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             self.dp = DPSGD(self.model, self.optimizer, self.privacy.max_grad_norm, self.privacy.grad_sample_mode)
         self.noise: dict[int, float] = {}
         self.histories: dict[int, list] = {}
