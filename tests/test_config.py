@@ -58,6 +58,8 @@ def test_missing_config_file():
         (["run", "configs/tiny.yaml", "lora.target_modules=[nope]"], "lora.target_modules"),
         (["run", "configs/tiny.yaml", "model.name_or_path=/no/model"], "model.name_or_path"),
         (["run", "configs/tiny.yaml", "data.label_column=stars"], "data.label_column"),
+        (["run", "configs/tiny.yaml", "privacy.mode=central_dp", "privacy.target_epsilon=1e-6", "privacy.clip_norm=1"], "privacy.target_epsilon"),
+        (["run", "configs/tiny.yaml", "privacy.mode=local_dp_sgd", "privacy.target_epsilon=6"], "privacy.max_grad_norm"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(args, expect, tmp_path):

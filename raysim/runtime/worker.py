@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 import torch
 from omegaconf import OmegaConf
+from opacus.accountants import create_accountant
 
 from raysim.data.loading import from_arrow
 from raysim.methods.common import lora_pairs
@@ -91,8 +92,6 @@ class ClientWorker:
         if cid not in self.states:
             state = ClientState.new(self.cfg.seed, cid)
             if self.dp:
-                from opacus.accountants import create_accountant
-
                 state.accountant = create_accountant(mechanism=self.privacy.accountant)
                 state.accountant.history = [tuple(h) for h in self.histories.get(cid, [])]
             self.states[cid] = state
@@ -101,30 +100,24 @@ class ClientWorker:
     def _train_private(self, cid: int, data: ClientData, state: ClientState, train_cfg, round_idx: int) -> tuple[float, dict]:
         """DP-SGD steps for one client; (loss, its accounting), or (nan, ...) without training
         when this round would take it over its budget."""
-        privacy = self.privacy
+        privacy, target = self.privacy, self.privacy.target_epsilon
         sigma, rate, steps = self.noise[cid], sample_rate(len(data), train_cfg.batch_size), train_cfg.local_steps
-        history = list(state.accountant.history)
-        target = privacy.target_epsilon
 
-        def spent(extra_steps: int) -> float:
+        def spent(history: list, extra_steps: int = 0) -> float:
             return epsilon(history + [(sigma, rate, extra_steps)], privacy.target_delta, privacy.accountant)
 
-        if target is not None and spent(steps) > target:
-            return float("nan"), {"history": history, "epsilon": spent(0), "exhausted": True, "trained": False}
+        before = list(state.accountant.history)
+        if target is not None and spent(before, steps) > target:
+            return float("nan"), {"history": before, "epsilon": spent(before), "exhausted": True, "trained": False}
         generator = torch.Generator(device=self.device).manual_seed(step_seed(self.cfg.seed, round_idx, cid) ^ _DP_NOISE_STREAM)
         self.dp.set_client(sigma, rate * len(data), generator)
         batches = (poisson_batch(state.rng, len(data), rate) for _ in range(steps))
         loss = local_train(self.model, self.dp.optimizer, data, batches, self.device, self.dp.loss)
         for _ in range(steps):
             state.accountant.step(noise_multiplier=sigma, sample_rate=rate)
-        history = list(state.accountant.history)
-        info = {
-            "history": history,
-            "epsilon": spent(0),
-            "exhausted": target is not None and spent(steps) > target,
-            "trained": True,
-        }
-        return loss, info
+        after = list(state.accountant.history)
+        exhausted = target is not None and spent(after, steps) > target  # would the next round fit?
+        return loss, {"history": after, "epsilon": spent(after), "exhausted": exhausted, "trained": True}
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "clients": len(self.clients)}
