@@ -59,8 +59,9 @@ def _agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
 
 
 def neighbours(clients: list[int], k: int | None, rng: np.random.Generator) -> dict[int, list[int]]:
-    """Each client's neighbours: everyone else (``k`` None), or k of them on a ring in random order
-    (a Harary graph, as in SecAgg+), so a client's work grows with k instead of n."""
+    """Each client's neighbours: everyone else (``k`` None), or the k nearest (k rounded up to even)
+    on a ring in random order (a Harary graph, as in SecAgg+), so a client's work grows with k
+    instead of n."""
     order = [int(c) for c in rng.permutation(clients)]
     n = len(order)
     if k is None or k >= n - 1:
