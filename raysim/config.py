@@ -17,6 +17,8 @@ from typing import Any, Optional, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from raysim.secagg.encoding import ring_bits
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
 
@@ -166,6 +168,24 @@ class PrivacyConfig:
 
 
 @dataclass
+class SecAggConfig:
+    # Secure aggregation (SecAgg+): the server learns only the sum of the clients' updates.
+    enabled: bool = False
+    # Clients each client masks with: "all" (Bonawitz et al. 2017) or k (SecAgg+, rounded up to
+    # even); k ~ 2 log2(clients per round) keeps the cost per client logarithmic.
+    neighbors: Union[int, str] = "all"
+    # Shamir threshold t: shares needed to remove a client's masks; 0 = a majority of its neighbours.
+    threshold: int = 0
+    # Each sent value (times the client's weight) is clipped to [-clip_range, clip_range] ...
+    clip_range: float = 0.1
+    # ... and quantized to this many bits; the ring adds ceil(log2 clients.num) bits so sums never wrap.
+    bits: int = 20
+    # Fraction of sampled clients that vanish mid-protocol (half before sending their masked
+    # input, half after), drawn from (seed, round, client).
+    dropout_rate: float = 0.0
+
+
+@dataclass
 class RayConfig:
     # Empty: start a local Ray instance. "auto" or "HOST:PORT" / "ray://...": connect to a cluster.
     address: str = ""
@@ -199,6 +219,7 @@ class RaysimConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
 
@@ -309,6 +330,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _validate_privacy(cfg)
+    _validate_secagg(cfg)
     count = cfg.worker.count
     _check(count == "auto" or (isinstance(count, int) and count >= 1), "worker.count", "must be >= 1 or 'auto'")
     _check(cfg.worker.num_cpus > 0, "worker.num_cpus", "must be > 0")
@@ -348,6 +370,29 @@ def _validate_privacy(cfg: DictConfig) -> None:
     else:
         _check(p.clip_norm is not None, "privacy.clip_norm", "central_dp needs a bound on each client's update norm, e.g. 0.1")
         _check(p.clip_norm > 0, "privacy.clip_norm", "must be > 0")
+
+
+def _validate_secagg(cfg: DictConfig) -> None:
+    s = cfg.secagg
+    k = s.neighbors
+    _check(k == "all" or (isinstance(k, int) and k >= 2), "secagg.neighbors", "must be 'all' or an integer >= 2")
+    _check(s.threshold == 0 or s.threshold >= 2, "secagg.threshold", "must be 0 (a majority of the neighbours) or >= 2")
+    _check(s.clip_range > 0, "secagg.clip_range", "must be > 0")
+    _check(s.bits >= 2, "secagg.bits", "must be >= 2")
+    _check(0 <= s.dropout_rate < 1, "secagg.dropout_rate", "must be in [0, 1)")
+    if not s.enabled:
+        return
+    try:
+        ring_bits(s.bits, cfg.clients.num)
+    except ValueError as err:
+        raise ConfigError(f"secagg.bits: {err}") from None
+    _check(cfg.clients.per_round >= 3, "secagg.enabled", "secure aggregation needs clients.per_round >= 3 (with 2, each learns the other's update)")
+    most = cfg.clients.per_round - 1 if k == "all" else min(k + k % 2, cfg.clients.per_round - 1)
+    _check(
+        s.threshold <= most,
+        "secagg.threshold",
+        f"{s.threshold} is more than the {most} neighbours each client has (secagg.neighbors={k}, clients.per_round={cfg.clients.per_round})",
+    )
 
 
 def to_yaml(cfg: DictConfig) -> str:

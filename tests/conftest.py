@@ -1,8 +1,17 @@
 import os
+import signal
+import threading
+import time
 
 import pytest
+import torch
 
 from raysim.config import CONFIG_DIR, load_config
+from raysim.data.loading import from_arrow
+from raysim.data.prepare import prepare
+from raysim.methods.common import lora_products, relative_aggregation_error
+from raysim.model import adapter_state, build_model, frozen_lora_a, load_tokenizer, trainable_parameters
+from raysim.training import ClientData, ClientState, load_adapter, local_train, make_optimizer, shuffled_batches, step_seed
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -20,3 +29,47 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+def expected_round(cfg, sampled):
+    """One round computed in this process: each sampled client trains from the initial adapter; the
+    global adapter moves by server.lr times the weighted mean delta (round 1: momentum has no past)."""
+    data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
+    model = build_model(cfg, len(data.label_names))
+    params = trainable_parameters(model)
+    start = {k: v.detach().clone() for k, v in params.items()}
+    finals, weights = [], []
+    for cid in sampled:
+        load_adapter(params, start)
+        shard = ClientData(*from_arrow(data.client_shards[cid]))
+        optimizer = make_optimizer(cfg.train, list(params.values()))
+        torch.manual_seed(step_seed(cfg.seed, 1, cid))
+        batches = shuffled_batches(ClientState.new(cfg.seed, cid), shard.lengths, cfg.train.batch_size, cfg.train.local_steps)
+        local_train(model, optimizer, shard, batches, torch.device("cpu"))
+        finals.append(adapter_state(model))
+        weights.append(float(len(shard)))
+    total = sum(weights)
+    averaged = {k: sum(w * f[k] for f, w in zip(finals, weights)) / total for k in start}
+    expected = {k: start[k].numpy() + cfg.server.lr * (averaged[k] - start[k].numpy()) for k in start}
+    frozen = frozen_lora_a(model)
+    mean_products = {m: sum(w * p for w, p in zip(weights, ps)) / total for m, ps in by_module([lora_products(f, frozen) for f in finals]).items()}
+    return expected, relative_aggregation_error(mean_products, lora_products(averaged, frozen))
+
+
+def by_module(products):
+    return {m: [p[m] for p in products] for m in products[0]}
+
+
+def round_killing_a_worker(sim, worker: int, after_s: float) -> dict:
+    """Run one round and SIGKILL worker ``worker``'s process ``after_s`` seconds into it; the row."""
+    import ray
+
+    pid = ray.get(sim.workers[worker].ready.remote())["pid"]
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(sim.run_round()))
+    thread.start()
+    time.sleep(after_s)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=180)
+    result["killed_pid"] = pid
+    return result

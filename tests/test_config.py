@@ -28,6 +28,9 @@ def test_overrides_apply_with_types():
         ("data.path=/no/such/file.csv", "data.path"),
         ("data.partition=random", "data.partition"),
         ("worker.count=many", "worker.count"),
+        ("secagg.neighbors=1", "secagg.neighbors"),
+        ("secagg.dropout_rate=1", "secagg.dropout_rate"),
+        ("secagg.clip_range=0", "secagg.clip_range"),
     ],
 )
 def test_bad_values_name_their_key(override, key):
@@ -60,6 +63,9 @@ def test_missing_config_file():
         (["run", "configs/tiny.yaml", "data.label_column=stars"], "data.label_column"),
         (["run", "configs/tiny.yaml", "privacy.mode=central_dp", "privacy.target_epsilon=1e-6", "privacy.clip_norm=1"], "privacy.target_epsilon"),
         (["run", "configs/tiny.yaml", "privacy.mode=local_dp_sgd", "privacy.target_epsilon=6"], "privacy.max_grad_norm"),
+        (["run", "configs/tiny.yaml", "secagg.enabled=true", "secagg.bits=60", "clients.num=100"], "67-bit ring, more than 64"),
+        (["run", "configs/tiny.yaml", "secagg.enabled=true", "secagg.threshold=5"], "secagg.threshold"),
+        (["run", "configs/tiny.yaml", "secagg.enabled=true", "clients.per_round=2"], "secagg.enabled"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(args, expect, tmp_path):

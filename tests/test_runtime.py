@@ -1,11 +1,8 @@
 """The Ray runtime on configs/tiny.yaml, checked against computations made here without Ray."""
 
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,44 +10,10 @@ import pytest
 import torch
 
 from raysim import Simulation, UserError
-from raysim.data.prepare import prepare
-from raysim.methods.common import lora_products, relative_aggregation_error
-from raysim.model import adapter_state, build_model, frozen_lora_a, load_tokenizer, trainable_parameters
-from raysim.training import ClientData, ClientState, load_adapter, local_train, make_optimizer, shuffled_batches, step_seed
-from raysim.data.loading import from_arrow
 
-from conftest import tiny_config
+from conftest import expected_round, round_killing_a_worker, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def _expected_round(cfg, sampled):
-    """One round computed in this process: each sampled client trains from the initial adapter; the
-    global adapter moves by server.lr times the weighted mean delta (round 1: momentum has no past)."""
-    data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
-    model = build_model(cfg, len(data.label_names))
-    params = trainable_parameters(model)
-    start = {k: v.detach().clone() for k, v in params.items()}
-    finals, weights = [], []
-    for cid in sampled:
-        load_adapter(params, start)
-        shard = ClientData(*from_arrow(data.client_shards[cid]))
-        optimizer = make_optimizer(cfg.train, list(params.values()))
-        torch.manual_seed(step_seed(cfg.seed, 1, cid))
-        batches = shuffled_batches(ClientState.new(cfg.seed, cid), shard.lengths, cfg.train.batch_size, cfg.train.local_steps)
-        local_train(model, optimizer, shard, batches, torch.device("cpu"))
-        finals.append(adapter_state(model))
-        weights.append(float(len(shard)))
-    total = sum(weights)
-    averaged = {k: sum(w * f[k] for f, w in zip(finals, weights)) / total for k in start}
-    expected = {k: start[k].numpy() + cfg.server.lr * (averaged[k] - start[k].numpy()) for k in start}
-    frozen = frozen_lora_a(model)
-    mean_products = {m: sum(w * p for w, p in zip(weights, ps)) / total for m, ps in _by_module([lora_products(f, frozen) for f in finals]).items()}
-    return expected, relative_aggregation_error(mean_products, lora_products(averaged, frozen))
-
-
-def _by_module(products):
-    return {m: [p[m] for p in products] for m in products[0]}
 
 
 @pytest.mark.parametrize("method, server_lr", [("ffa_lora", 1.0), ("lora", 0.5)])
@@ -60,7 +23,7 @@ def test_one_round_equals_an_independent_fedavg(tmp_path, method, server_lr):
         sampled = __import__("ray").get(sim.server.sample.remote(1, cfg.clients.per_round))
         row = sim.run_round()
         got = sim.global_adapter()
-    expected, error = _expected_round(cfg, sampled)
+    expected, error = expected_round(cfg, sampled)
     assert set(got) == set(expected)
     for k in expected:
         np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=1e-6)
@@ -127,20 +90,14 @@ def test_a_worker_killed_mid_round_drops_its_clients_not_the_run(tmp_path):
 
     cfg = tiny_config(tmp_path, "clients.per_round=10", "train.local_steps=100")
     with Simulation(cfg) as sim:
-        pid = ray.get(sim.workers[0].ready.remote())["pid"]
         on_worker0 = len(sim.worker_clients[0])
-        result = {}
-        thread = threading.Thread(target=lambda: result.update(sim.run_round()))
-        thread.start()
-        time.sleep(1.5)
-        os.kill(pid, signal.SIGKILL)
-        thread.join(timeout=120)
+        result = round_killing_a_worker(sim, 0, 1.5)
         assert result["dropped"] == on_worker0 and result["clients"] == 10 - on_worker0
         assert np.isfinite(result["train_loss"])
         sim.set_train(local_steps=2)
         after = sim.run_round()
         assert after["clients"] == 10 and after["dropped"] == 0  # restarted by Ray, data handed again
-        assert ray.get(sim.workers[0].ready.remote())["pid"] != pid
+        assert ray.get(sim.workers[0].ready.remote())["pid"] != result["killed_pid"]
 
 
 def test_a_thousand_clients_fit(tmp_path):

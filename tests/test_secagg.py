@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from raysim.secagg import shamir
-from raysim.secagg.encoding import decode_sum, encode, ring_bits, ring_mask, sum_error_bound
+from raysim.secagg.encoding import decode_sum, decode_update_sum, encode, encode_update, ring_bits, ring_mask, sum_error_bound
 from raysim.secagg.protocol import (
     SecAggAborted,
     advertise,
+    dropout_stage,
     expand_mask,
     masked_input,
     neighbours,
@@ -56,19 +57,21 @@ def test_masks_are_uniform_words():
     assert not np.array_equal(words, expand_mask(b"t" * 32, 200_000))
 
 
-def _round(inputs, k_neighbours, threshold, drop_before_input=(), drop_before_unmask=(), seed=0, round_idx=1, k=40):
+def _round(inputs, k_neighbours, threshold, drop_before_input=(), drop_before_unmask=(), round_idx=1, k=40):
     clients = sorted(inputs)
-    graph = neighbours(clients, k_neighbours, np.random.default_rng([seed, round_idx]))
+    graph = neighbours(clients, k_neighbours, np.random.default_rng(round_idx))
     secrets, publics = {}, {}
     for c in clients:
-        secrets[c], publics[c] = advertise(seed, round_idx, c)
+        secrets[c], publics[c] = advertise(c, round_idx)
     for c in clients:
         for v, ciphertext in share_keys(secrets[c], publics, graph[c], threshold).items():
             secrets[v].received[c] = ciphertext
-    masked = {c: masked_input(secrets[c], inputs[c], publics, graph[c], k) for c in clients if c not in drop_before_input}
+    masked = {c: masked_input(secrets[c], inputs[c], publics, k) for c in clients if c not in drop_before_input}
     responders = [c for c in masked if c not in drop_before_unmask]
     reveals = {c: unmask(secrets[c], publics, set(masked)) for c in responders}
-    return unmasked_sum(masked, reveals, publics, graph, threshold, round_idx, k), masked
+    with np.errstate(over="ignore"):
+        masked_total = sum(masked.values()) & ring_mask(k)
+    return unmasked_sum(masked_total, set(masked), reveals, publics, graph, threshold, round_idx, k), masked
 
 
 @pytest.mark.parametrize("k_neighbours, threshold", [(None, 5), (4, 3)])
@@ -101,3 +104,44 @@ def test_sparse_graph_has_k_neighbours_each():
     graph = neighbours(list(range(100)), 8, np.random.default_rng(0))
     assert all(len(v) == 8 for v in graph.values())
     assert all(u in graph[v] for u in graph for v in graph[u])  # symmetric
+
+
+def test_weighted_updates_decode_to_the_weighted_sum_and_the_weight_total():
+    rng = np.random.default_rng(4)
+    updates = rng.normal(0, 0.01, size=(7, 300))
+    weights = rng.uniform(0.1, 1.0, 7)
+    clip, bits = 0.05, 18
+    encoded = [encode_update(u, w, clip, bits, rng)[0] for u, w in zip(updates, weights)]
+    values, weight_total = decode_update_sum(sum(encoded), 7, clip, bits)
+    assert np.max(np.abs(values - (weights[:, None] * updates).sum(axis=0))) <= sum_error_bound(7, clip, bits)
+    assert abs(weight_total - weights.sum()) <= sum_error_bound(7, 1.0, bits)
+    assert encode_update(np.array([0.2, -0.01, 0.3]), 1.0, 0.1, bits, rng)[1] == 2  # clipped values are counted
+
+
+def test_dropout_draws_follow_the_rate_and_depend_only_on_seed_round_and_client():
+    stages = [dropout_stage(0, r, c, 0.2) for r in range(1, 51) for c in range(100)]
+    assert stages.count("before_input") / len(stages) == pytest.approx(0.1, abs=0.015)
+    assert stages.count("after_input") / len(stages) == pytest.approx(0.1, abs=0.015)
+    assert stages == [dropout_stage(0, r, c, 0.2) for r in range(1, 51) for c in range(100)]
+    assert all(dropout_stage(0, 1, c, 0.0) is None for c in range(100))
+
+
+def test_a_client_that_never_shared_its_keys_is_left_out():
+    """Client 4 advertised but vanished before sharing: the others mask only with those whose
+    shares reached them, and the server's graph leaves it out."""
+    rng = np.random.default_rng(5)
+    inputs = {c: rng.integers(0, 2**16, 32, dtype=np.uint64) for c in range(6)}
+    graph = neighbours(sorted(inputs), None, np.random.default_rng(0))
+    secrets, publics = {}, {}
+    for c in inputs:
+        secrets[c], publics[c] = advertise(c, 1)
+    shared = [c for c in inputs if c != 4]
+    for c in shared:
+        for v, ciphertext in share_keys(secrets[c], publics, graph[c], 3).items():
+            secrets[v].received[c] = ciphertext
+    masked = {c: masked_input(secrets[c], inputs[c], publics, 40) for c in shared}
+    reveals = {c: unmask(secrets[c], publics, set(masked)) for c in shared}
+    server_graph = {u: [v for v in graph[u] if v in shared] for u in shared}
+    with np.errstate(over="ignore"):
+        total = unmasked_sum(sum(masked.values()) & ring_mask(40), set(masked), reveals, publics, server_graph, 3, 1, 40)
+    np.testing.assert_array_equal(total, sum(inputs[c] for c in shared) & ring_mask(40))

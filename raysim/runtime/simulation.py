@@ -32,6 +32,8 @@ from raysim.model import check_model, load_tokenizer
 from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
 from raysim.runtime.server import Server
 from raysim.runtime.worker import ClientWorker
+from raysim.secagg.encoding import ring_bits
+from raysim.secagg.protocol import SecAggAborted
 
 log = logging.getLogger("raysim")
 
@@ -54,6 +56,8 @@ def _write_atomic(path: Path, write) -> None:
 
 class Simulation:
     """One federated fine-tuning run over Ray actors."""
+
+    server_class = Server  # run as a Ray actor; a subclass can observe or change the server's side
 
     def __init__(self, cfg: DictConfig | dict | str | os.PathLike):
         """``cfg``: a config from :func:`raysim.load_config`, nested values over the defaults, or a YAML path."""
@@ -92,8 +96,19 @@ class Simulation:
         if self.budget.mode == "central_dp":
             b = self.budget
             central_dp = {"noise_multiplier": b.noise_multiplier, "clip_norm": b.clip_norm, "sample_rate": b.sample_rate}
-        self.server = Server.remote(
-            self.cfg.method, self.cfg.seed, self.cfg.clients.num, self.cfg.server.lr, self.cfg.server.momentum, central_dp
+        self.secure = bool(self.cfg.secagg.enabled)
+        secagg = None
+        if self.secure:
+            s = self.cfg.secagg
+            secagg = {
+                "neighbors": None if s.neighbors == "all" else int(s.neighbors),
+                "threshold": int(s.threshold),
+                "clip_range": float(s.clip_range),
+                "bits": int(s.bits),
+                "ring_bits": ring_bits(s.bits, self.cfg.clients.num),
+            }
+        self.server = ray.remote(num_cpus=0)(self.server_class).remote(
+            self.cfg.method, self.cfg.seed, self.cfg.clients.num, self.cfg.server.lr, self.cfg.server.momentum, central_dp, secagg
         )
         # Each worker's shards go into the object store once, as one bundle. The driver keeps the
         # references, so a worker restarted by Ray is handed the same shards again.
@@ -122,6 +137,7 @@ class Simulation:
         devices = sorted({r["device"] for r in ready})
         ray.get(self.server.initialize.remote(initial, frozen_a))
         self.sent_bytes_per_client = int(sum(v.nbytes for v in initial.values()))
+        self.sent_values_per_client = int(sum(v.size for v in initial.values()))
         self.startup_s = time.perf_counter() - started
         log.info(
             "%d workers (%s) host %d clients; method %s sends %d tensors (%.1f KiB) per client; ready in %.1fs",
@@ -135,6 +151,17 @@ class Simulation:
         )
         if self.budget.enabled:
             log.info("privacy: %s", self.budget.describe())
+        if self.secure:
+            s = self.cfg.secagg
+            log.info(
+                "secure aggregation: SecAgg+ with %s neighbours, threshold %s, values clipped to +-%g and quantized to %d bits in a %d-bit ring%s",
+                s.neighbors,
+                s.threshold or "a majority",
+                s.clip_range,
+                s.bits,
+                secagg["ring_bits"],
+                f", {s.dropout_rate:.0%} of clients drop mid-protocol" if s.dropout_rate else "",
+            )
 
     def _plan_privacy(self) -> PrivacyBudget:
         """Solve the noise for the privacy target up front: an unreachable target fails here."""
@@ -240,20 +267,17 @@ class Simulation:
             by_worker.setdefault(self.client_worker[c], []).append(c)
         train = {k: cfg.train[k] for k in _TRAIN_KEYS}
         train["lr"] = cfg.train.lr * cfg.train.lr_decay ** (round_idx - 1)
-        calls = {w: self.workers[w].train_clients.remote(global_ref, ids, round_idx, train) for w, ids in by_worker.items()}
-
-        metas, payloads, dropped = [], [], []
-        for w, (meta_ref, payload_ref) in calls.items():
-            try:
-                metas.append(ray.get(meta_ref))
-                payloads.append(payload_ref)
-            except RayActorError as err:
-                dropped.extend(by_worker[w])
-                log.warning("round %d: worker %d died (%s); its %d clients count as dropped", round_idx, w, type(err).__name__, len(by_worker[w]))
-                self._reload(w)
-        weight = sum(m["weight"] for m in metas)
-        server_metrics = ray.get(self.server.aggregate.remote(round_idx, weight, *payloads))
-        completed = sum(len(m["clients"]) for m in metas)
+        secagg_row: dict[str, Any] = {}
+        if self.secure:
+            metas, server_metrics, secagg_row = self._secure_round(round_idx, global_ref, by_worker, train)
+        else:
+            calls = {w: self.workers[w].train_clients.remote(global_ref, ids, round_idx, train) for w, ids in by_worker.items()}
+            trained = self._gather(round_idx, calls, by_worker, "training")
+            metas = [meta for meta, _ in trained.values()]
+            weight = sum(m["weight"] for m in metas)
+            server_metrics = ray.get(self.server.aggregate.remote(round_idx, weight, *(ref for _, ref in trained.values())))
+        trained_clients = sum(len(m["clients"]) for m in metas)
+        completed = secagg_row.pop("aggregated") if self.secure else trained_clients
         newly_exhausted = self.budget.record_round({c: p for m in metas for c, p in m["privacy"].items()})
         if newly_exhausted:
             log.info(
@@ -266,15 +290,23 @@ class Simulation:
             "round": round_idx,
             "lr": train["lr"],
             "clients": completed,
-            "dropped": len(dropped),
-            "train_loss": sum(m["loss_sum"] for m in metas) / completed if completed else math.nan,
+            "dropped": len(sampled) - completed,
+            "train_loss": sum(m["loss_sum"] for m in metas) / trained_clients if trained_clients else math.nan,
             "aggregation_error": server_metrics["aggregation_error"],
-            "uplink_bytes": completed * self.sent_bytes_per_client,
+            "uplink_bytes": server_metrics.get("uplink_bytes", completed * self.sent_bytes_per_client),
             "downlink_bytes": len(sampled) * self.sent_bytes_per_client,
             "train_s": max((m["train_s"] for m in metas), default=0.0),
             "epsilon": self.budget.epsilon,
             "delta": self.budget.delta if self.budget.enabled else 0.0,
+            **secagg_row,
         }
+        if row.get("secagg_clipped", 0) > 0.01:
+            log.warning(
+                "round %d: %.1f%% of the values sent were clipped to +-%g before encoding; raise secagg.clip_range",
+                round_idx,
+                100 * row["secagg_clipped"],
+                cfg.secagg.clip_range,
+            )
         eval_started = time.perf_counter()
         if round_idx % cfg.eval.every == 0:
             result = self._evaluate("subset")
@@ -287,6 +319,67 @@ class Simulation:
         self._rows.append(row)
         self._write_metrics()
         return row
+
+    def _gather(self, round_idx: int, calls: dict[int, tuple], by_worker: dict[int, list[int]], stage: str) -> dict[int, tuple]:
+        """(small result, payload reference) of each worker call that succeeded. A worker that died
+        is handed its data again once Ray has restarted it; its clients drop out of the round."""
+        done = {}
+        for w, (result_ref, payload_ref) in calls.items():
+            try:
+                done[w] = (ray.get(result_ref), payload_ref)
+            except RayActorError as err:
+                log.warning(
+                    "round %d: worker %d died during %s (%s); its %d clients count as dropped",
+                    round_idx,
+                    w,
+                    stage,
+                    type(err).__name__,
+                    len(by_worker[w]),
+                )
+                self._reload(w)
+        return done
+
+    def _secure_round(self, round_idx: int, global_ref, by_worker: dict[int, list[int]], train: dict) -> tuple[list, dict, dict]:
+        """One round of SecAgg+: workers act for their clients, the server only routes keys and
+        shares, receives masked sums and unmasks their total. An aborted round leaves the global
+        adapter unchanged. Returns (worker metadata, server metrics, secagg columns)."""
+        server, workers = self.server, self.workers
+        examples = train["weighting"] == "examples" and self.budget.mode != "central_dp"
+        weight_scale = float(max(self.client_sizes)) if examples else 1.0
+        metas: list[dict] = []
+        try:
+            advertised = self._gather(
+                round_idx, {w: (workers[w].secagg_advertise.remote(round_idx, ids),) * 2 for w, ids in by_worker.items()}, by_worker, "key advertisement"
+            )
+            roster = server.secagg_roster.remote(round_idx, *(publics for publics, _ in advertised.values()))
+            shared = self._gather(round_idx, {w: workers[w].secagg_share_keys.remote(roster) for w in advertised}, by_worker, "key sharing")
+            if not shared:
+                raise SecAggAborted("every worker failed before sharing keys")
+            alive = list(shared)
+            groups = [by_worker[w] for w in alive]
+            inboxes = server.secagg_route.options(num_returns=len(alive)).remote(round_idx, groups, *(ref for _, ref in shared.values()))
+            inboxes = inboxes if len(alive) > 1 else [inboxes]
+            calls = {
+                w: workers[w].train_clients.remote(global_ref, by_worker[w], round_idx, train, inbox, weight_scale)
+                for w, inbox in zip(alive, inboxes)
+            }
+            trained = self._gather(round_idx, calls, by_worker, "training")
+            metas = [meta for meta, _ in trained.values()]
+            senders = ray.get(server.secagg_collect.remote(round_idx, *(ref for _, ref in trained.values())))
+            revealed = self._gather(round_idx, {w: workers[w].secagg_unmask.remote(round_idx, senders) for w in trained}, by_worker, "unmasking")
+            server_metrics = ray.get(server.secagg_aggregate.remote(round_idx, *(ref for _, ref in revealed.values())))
+            aborted, aggregated = "", len(senders)
+        except SecAggAborted as reason:
+            aborted, aggregated = str(reason).strip().splitlines()[-1], 0
+            log.warning("round %d: secure aggregation aborted (%s); the global adapter is unchanged", round_idx, aborted)
+            server_metrics = {"aggregation_error": math.nan, "uplink_bytes": ray.get(server.secagg_abort.remote(round_idx))}
+        sent_values = sum(len(m["clients"]) for m in metas) * self.sent_values_per_client
+        clipped = sum(m["secagg_clipped"] for m in metas)
+        return metas, server_metrics, {
+            "aggregated": aggregated,
+            "secagg_aborted": bool(aborted),
+            "secagg_clipped": clipped / sent_values if sent_values else 0.0,
+        }
 
     def run(self, rounds: int | None = None, progress: bool = True) -> pa.Table:
         """Run ``rounds`` more rounds (default: the configured number), printing one line per round."""
@@ -427,5 +520,7 @@ def format_row(row: dict[str, Any], total_rounds: int) -> str:
         parts.append(f"agg_err {row['aggregation_error']:.2e}")
     if math.isfinite(row["epsilon"]):
         parts.append(f"eps {row['epsilon']:.3f}")
+    if row.get("secagg_aborted"):
+        parts.append("secagg aborted")
     parts.append(f"{row['wall_s']:.1f}s")
     return " | ".join(parts)

@@ -27,6 +27,8 @@ from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_pa
 from raysim.privacy.accounting import epsilon
 from raysim.privacy.central_dp import clip_update
 from raysim.privacy.local_dp import DPSGD, poisson_batch, sample_rate
+from raysim.secagg.encoding import encode_update, ring_bits, ring_mask
+from raysim.secagg.protocol import ClientRound, advertise, dropout_stage, masked_input, share_keys, unmask
 from raysim.training import (
     ClientData,
     ClientState,
@@ -41,6 +43,7 @@ from raysim.training import (
 )
 
 _DP_NOISE_STREAM = 0x4E
+_ROUNDING_STREAM = 0x52
 
 
 def actor_device() -> torch.device:
@@ -75,6 +78,10 @@ class ClientWorker:
         self.clients: dict[int, ClientData] = {}
         self.eval_sets: dict[str, ClientData] = {}
         self.states: dict[int, ClientState] = {}
+        self.secagg = self.cfg.secagg if self.cfg.secagg.enabled else None
+        self.ring_bits = ring_bits(self.cfg.secagg.bits, self.cfg.clients.num) if self.secagg else 0
+        self.secagg_round: dict[int, ClientRound] = {}  # this round's secrets of this worker's clients
+        self.secagg_publics: dict[int, dict] = {}
 
     def load(self, shards: dict[int, pa.Table], eval_tables: dict[str, pa.Table], privacy: dict | None = None) -> dict:
         """Take this worker's client shards and evaluation slices (again after a restart), and under
@@ -131,8 +138,15 @@ class ClientWorker:
         return {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in state.items()}
 
     @ray.method(num_returns=2)
-    def train_clients(self, global_state: dict, client_ids: list[int], round_idx: int, train: dict):
-        """Train each client from the global adapter; return (small metadata, partial sums)."""
+    def train_clients(
+        self, global_state: dict, client_ids: list[int], round_idx: int, train: dict, inbox: dict | None = None, weight_scale: float = 1.0
+    ):
+        """Train each client from the global adapter; return (small metadata, partial sums).
+
+        With secure aggregation, ``inbox`` holds the encrypted shares each client received, and the
+        partial sum is the sum of the clients' masked inputs mod 2^k (weights divided by
+        ``weight_scale``, the largest client's, so they lie in (0, 1]); clients that drop before
+        sending are not trained."""
         start = time.perf_counter()
         train_cfg = OmegaConf.create(train)
         optimizer = self.dp.optimizer if self.dp else self.optimizer
@@ -141,10 +155,19 @@ class ClientWorker:
         central = self.privacy.mode == "central_dp"
         start_state = self._to_device(global_state)
         delta_sum = {k: torch.zeros_like(v) for k, v in start_state.items()}
-        want_products = bool(self.cfg.eval.aggregation_error) and not central
+        secure = inbox is not None
+        want_products = bool(self.cfg.eval.aggregation_error) and not central and not secure
         product_sum = {}
         weight_total, loss_sum, trained, privacy = 0.0, 0.0, [], {}
+        masked, clipped = np.uint64(0), 0
         for cid in client_ids:
+            if secure:
+                secrets = self.secagg_round.get(cid)
+                if secrets is None or secrets.round_idx != round_idx or cid not in inbox:
+                    continue  # this worker restarted mid-round, or the client's keys never reached the others
+                if dropout_stage(self.cfg.seed, round_idx, cid, self.secagg.dropout_rate) == "before_input":
+                    continue
+                secrets.received = inbox[cid]
             data = self.clients[cid]
             state = self._state(cid)
             load_adapter(self.params, start_state)
@@ -172,6 +195,12 @@ class ClientWorker:
                     )
                 if central:
                     delta, _ = clip_update(delta, self.privacy.clip_norm)
+                if secure:
+                    y, n_clipped = self._masked_input(cid, round_idx, delta, weight / weight_scale)
+                    with np.errstate(over="ignore"):
+                        masked = (masked + y) & ring_mask(self.ring_bits)
+                    clipped += n_clipped
+                    continue
                 for k, total in delta_sum.items():
                     total.add_(delta[k], alpha=weight)
                 if want_products:
@@ -190,11 +219,52 @@ class ClientWorker:
             "train_s": time.perf_counter() - start,
             "privacy": privacy,
         }
+        if secure:
+            meta["secagg_clipped"] = clipped
+            return meta, {"senders": trained, "masked": masked if trained else None}
         payload = {
             "delta_sum": {k: v.cpu().numpy() for k, v in delta_sum.items()},
             "product_sum": {k: v.cpu().numpy() for k, v in product_sum.items()},
         }
         return meta, payload
+
+    def _masked_input(self, cid: int, round_idx: int, delta: dict[str, torch.Tensor], weight: float) -> tuple[np.ndarray, int]:
+        """A client's update, weighted, encoded into the ring and masked: what it would send."""
+        flat = torch.cat([delta[k].reshape(-1) for k in sorted(delta)]).cpu().double().numpy()
+        rng = np.random.default_rng([self.cfg.seed, round_idx, cid, _ROUNDING_STREAM])
+        encoded, clipped = encode_update(flat, weight, self.secagg.clip_range, self.secagg.bits, rng)
+        return masked_input(self.secagg_round[cid], encoded, self.secagg_publics, self.ring_bits), clipped
+
+    def secagg_advertise(self, round_idx: int, client_ids: list[int]) -> dict[int, dict]:
+        """Fresh key pairs for this round's clients; their public keys, for the server."""
+        self.secagg_round, publics = {}, {}
+        for cid in client_ids:
+            self.secagg_round[cid], publics[cid] = advertise(cid, round_idx)
+        return publics
+
+    @ray.method(num_returns=2)
+    def secagg_share_keys(self, roster: dict):
+        """Each client's Shamir shares, encrypted to each of its neighbours: (senders, {sender: {recipient: ciphertext}})."""
+        self.secagg_publics = roster["publics"]
+        out = {
+            cid: share_keys(secrets, roster["publics"], roster["graph"][cid], roster["threshold"])
+            for cid, secrets in self.secagg_round.items()
+            if secrets.round_idx == roster["round"]
+        }
+        return sorted(out), out
+
+    @ray.method(num_returns=2)
+    def secagg_unmask(self, round_idx: int, senders: list[int]):
+        """The shares the server asks for, from this worker's clients that sent their input and are
+        still there; then the round's secrets are forgotten. (responders, {client: reveals})."""
+        sent = set(senders)
+        out = {
+            cid: unmask(secrets, self.secagg_publics, sent)
+            for cid, secrets in self.secagg_round.items()
+            if secrets.round_idx == round_idx and cid in sent and dropout_stage(self.cfg.seed, round_idx, cid, self.secagg.dropout_rate) is None
+        }
+        self.secagg_round, self.secagg_publics = {}, {}
+        return sorted(out), out
 
     def evaluate(self, global_state: dict, split: str) -> tuple[float, int, int]:
         load_adapter(self.params, self._to_device(global_state))

@@ -49,3 +49,17 @@ def sum_error_bound(count: int, clip: float, bits: int) -> float:
     """Largest possible |decoded sum - sum of the clipped values| per coordinate: each value is
     off by less than one quantization step, 2c / (2^bits - 1)."""
     return count * 2 * clip / _levels(bits)
+
+
+def encode_update(update: np.ndarray, weight: float, clip: float, bits: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """One client's input to the secure sum: its update scaled by its weight in (0, 1], then the
+    weight itself (on [-1, 1], so a weight of 1 is exact), so that the server learns the weighted
+    sum and the sum of weights and nothing per client. Also returns how many values were clipped."""
+    scaled = update.astype(np.float64) * weight
+    clipped = int(np.count_nonzero(np.abs(scaled) > clip))
+    return np.concatenate([encode(scaled, clip, bits, rng), encode(np.array([weight]), 1.0, bits, rng)]), clipped
+
+
+def decode_update_sum(total: np.ndarray, count: int, clip: float, bits: int) -> tuple[np.ndarray, float]:
+    """(weighted sum of the updates, sum of the weights) from the sum of ``count`` encode_update inputs."""
+    return decode_sum(total[:-1], count, clip, bits), float(decode_sum(total[-1:], count, 1.0, bits)[0])

@@ -13,12 +13,14 @@ the sparse neighbour graph of Bell et al., CCS 2020).
    that dropped clients left in their neighbours' inputs, and gets the sum mod 2^k, or aborts if
    some secret has fewer than t shares.
 
-Key material is derived from (seed, round, client) with HKDF so simulations are reproducible; a
-deployment would draw it from the OS. No Ray here.
+Every key, seed and sharing polynomial is drawn fresh from the OS each round, as a deployment
+would. Results stay reproducible: the masks cancel exactly, so the sum never depends on them.
+No Ray here.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,12 +42,6 @@ class SecAggAborted(Exception):
 
 def _kdf(key: bytes, info: bytes, length: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
-
-
-def client_secret(seed: int, round_idx: int, client: int, label: str, length: int = 32) -> bytes:
-    """Per-(seed, round, client) key material: fresh every round, reproducible in a simulation."""
-    root = seed.to_bytes(16, "big", signed=True)
-    return _kdf(root, f"raysim-secagg/{label}/{round_idx}/{client}".encode(), length)
 
 
 def expand_mask(seed: bytes, length: int) -> np.ndarray:
@@ -73,6 +69,24 @@ def neighbours(clients: list[int], k: int | None, rng: np.random.Generator) -> d
     return out
 
 
+_DROPOUT_STREAM = 0xD0
+
+
+def dropout_stage(seed: int, round_idx: int, client: int, rate: float) -> str | None:
+    """Whether a client vanishes this round, and when: "before_input" (after sharing its keys) or
+    "after_input" (before unmasking), each with probability rate / 2; drawn from (seed, round, client)."""
+    draw = np.random.default_rng([seed, round_idx, client, _DROPOUT_STREAM]).random()
+    if draw < rate / 2:
+        return "before_input"
+    return "after_input" if draw < rate else None
+
+
+def threshold_for(num_neighbours: int, configured: int = 0) -> int:
+    """Shamir t for a client with ``num_neighbours``: the configured value, or a majority of them
+    (an honest majority then never reveals both of a client's secrets to the server)."""
+    return configured if configured else num_neighbours // 2 + 1
+
+
 @dataclass
 class ClientRound:
     """A client's secrets for one round (never sent in the clear)."""
@@ -82,21 +96,13 @@ class ClientRound:
     share_key: X25519PrivateKey
     mask_key: X25519PrivateKey
     self_seed: bytes
-    shamir_seed: bytes  # expanded into the sharing polynomials' coefficients
     received: dict[int, bytes] = field(default_factory=dict)  # sender -> ciphertext of its shares
 
 
-def advertise(seed: int, round_idx: int, client: int) -> tuple[ClientRound, dict]:
-    secrets = ClientRound(
-        client=client,
-        round_idx=round_idx,
-        share_key=X25519PrivateKey.from_private_bytes(client_secret(seed, round_idx, client, "share-key")),
-        mask_key=X25519PrivateKey.from_private_bytes(client_secret(seed, round_idx, client, "mask-key")),
-        self_seed=client_secret(seed, round_idx, client, "self-mask"),
-        shamir_seed=client_secret(seed, round_idx, client, "shamir"),
-    )
+def advertise(client: int, round_idx: int) -> tuple[ClientRound, dict]:
+    """Fresh key pairs and self-mask seed for this round; the public half goes to the server."""
+    secrets = ClientRound(client, round_idx, X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32))
     public = {
-        "client": client,
         "share_public": secrets.share_key.public_key().public_bytes(**_RAW),
         "mask_public": secrets.mask_key.public_key().public_bytes(**_RAW),
     }
@@ -113,10 +119,8 @@ def share_keys(secrets: ClientRound, publics: dict[int, dict], neighbour_ids: li
         encoding=serialization.Encoding.Raw, format=serialization.PrivateFormat.Raw, encryption_algorithm=serialization.NoEncryption()
     )
     points = [v + 1 for v in neighbour_ids]
-    words = 9 * max(threshold - 1, 0)
-    randomness = expand_mask(secrets.shamir_seed, 2 * words).tobytes()
-    key_shares = shamir.share(mask_raw, threshold, points, randomness[: 8 * words])
-    seed_shares = shamir.share(secrets.self_seed, threshold, points, randomness[8 * words :])
+    key_shares = shamir.share(mask_raw, threshold, points, os.urandom(shamir.randomness_bytes(threshold)))
+    seed_shares = shamir.share(secrets.self_seed, threshold, points, os.urandom(shamir.randomness_bytes(threshold)))
     out = {}
     for v in neighbour_ids:
         key = _agree(secrets.share_key, publics[v]["share_public"], b"raysim-secagg/share-encryption")
@@ -125,17 +129,18 @@ def share_keys(secrets: ClientRound, publics: dict[int, dict], neighbour_ids: li
     return out
 
 
-def _pairwise(secrets: ClientRound, peer: int, publics: dict[int, dict], length: int) -> np.ndarray:
-    info = f"raysim-secagg/pairwise/{secrets.round_idx}".encode()
-    return expand_mask(_agree(secrets.mask_key, publics[peer]["mask_public"], info), length)
+def pairwise_mask(private: X25519PrivateKey, peer_public: bytes, round_idx: int, length: int) -> np.ndarray:
+    """PRG(s_uv): the mask two clients agree on from one's private and the other's public key."""
+    return expand_mask(_agree(private, peer_public, f"raysim-secagg/pairwise/{round_idx}".encode()), length)
 
 
-def masked_input(secrets: ClientRound, encoded: np.ndarray, publics: dict[int, dict], neighbour_ids: list[int], k: int) -> np.ndarray:
-    """y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)  (mod 2^k)."""
+def masked_input(secrets: ClientRound, encoded: np.ndarray, publics: dict[int, dict], k: int) -> np.ndarray:
+    """y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)  (mod 2^k), over the
+    neighbours v whose shares reached u (those that dropped before sharing are left out)."""
     with np.errstate(over="ignore"):
         y = encoded.astype(np.uint64) + expand_mask(secrets.self_seed, len(encoded))
-        for v in neighbour_ids:
-            mask = _pairwise(secrets, v, publics, len(encoded))
+        for v in sorted(secrets.received):
+            mask = pairwise_mask(secrets.mask_key, publics[v]["mask_public"], secrets.round_idx, len(encoded))
             y = y + mask if secrets.client < v else y - mask
     return y & ring_mask(k)
 
@@ -153,7 +158,8 @@ def unmask(secrets: ClientRound, publics: dict[int, dict], sent: set[int]) -> di
 
 
 def unmasked_sum(
-    masked: dict[int, np.ndarray],
+    masked_total: np.ndarray,
+    senders: set[int],
     reveals: dict[int, dict[int, tuple[str, np.ndarray]]],
     publics: dict[int, dict],
     graph: dict[int, list[int]],
@@ -161,25 +167,24 @@ def unmasked_sum(
     round_idx: int,
     k: int,
 ) -> np.ndarray:
-    """The server's last step: sum of the received inputs with every mask removed (mod 2^k)."""
-    length = len(next(iter(masked.values())))
-    total = np.zeros(length, dtype=np.uint64)
+    """The server's last step: the sum of the senders' inputs from the sum of their masked inputs
+    (mod 2^k). ``graph`` holds the clients that shared their keys and, for each, its neighbours
+    that did too; ``reveals`` maps each responding client to what :func:`unmask` gave."""
+    length = len(masked_total)
+    total = masked_total.astype(np.uint64)
     with np.errstate(over="ignore"):
-        for y in masked.values():
-            total = total + y
-        for u in graph:
-            wanted = "self" if u in masked else "key"
-            shares = {v + 1: s for v, r in reveals.items() if u in r and r[u][0] == wanted for s in [r[u][1]]}
+        for u in sorted(graph):
+            wanted = "self" if u in senders else "key"
+            shares = {v + 1: r[u][1] for v, r in reveals.items() if u in r and r[u][0] == wanted}
             if len(shares) < threshold:
-                raise SecAggAborted(f"client {u}: {len(shares)} of {threshold} shares needed to remove its masks arrived")
+                raise SecAggAborted(f"client {u}: {len(shares)} of the {threshold} shares needed to remove its masks arrived")
             secret = shamir.reconstruct(shares, threshold)
             if wanted == "self":
                 total = total - expand_mask(secret, length)
                 continue
             mask_key = X25519PrivateKey.from_private_bytes(secret)
-            info = f"raysim-secagg/pairwise/{round_idx}".encode()
             for v in graph[u]:
-                if v in masked:  # v added +PRG(s_vu) if v < u, else subtracted it
-                    mask = expand_mask(_agree(mask_key, publics[v]["mask_public"], info), length)
+                if v in senders:  # v added +PRG(s_vu) if v < u, else subtracted it
+                    mask = pairwise_mask(mask_key, publics[v]["mask_public"], round_idx, length)
                     total = total - mask if v < u else total + mask
     return total & ring_mask(k)

@@ -24,6 +24,11 @@ def _secret(limbs: np.ndarray) -> bytes:
     return (value % (1 << 256)).to_bytes(32, "big")  # too few shares give garbage, not an error
 
 
+def randomness_bytes(threshold: int) -> int:
+    """Random bytes :func:`share` needs: the polynomials' coefficients above the constant term."""
+    return 8 * _LIMBS * max(threshold - 1, 0)
+
+
 def share(secret: bytes, threshold: int, points: list[int], randomness: bytes) -> dict[int, np.ndarray]:
     """Shares of a 32-byte ``secret`` at the non-zero ``points``; any ``threshold`` recover it.
     ``randomness`` (at least 8 * 9 * (threshold - 1) bytes, from a cryptographic source) draws the
@@ -32,7 +37,7 @@ def share(secret: bytes, threshold: int, points: list[int], randomness: bytes) -
         raise ValueError(f"threshold {threshold} must be in [1, {len(points)}]")
     if len(secret) != 32:
         raise ValueError("secrets are 32 bytes")
-    need = 8 * _LIMBS * (threshold - 1)
+    need = randomness_bytes(threshold)
     if len(randomness) < need:
         raise ValueError(f"need {need} random bytes, got {len(randomness)}")
     coefficients = np.frombuffer(randomness[:need], dtype=np.uint64).reshape(threshold - 1, _LIMBS) % np.uint64(PRIME)
