@@ -27,3 +27,11 @@ def test_dp_step_measures_tiny_with_and_without_dp():
     results = _load("dp_step").measure("tiny", "ffa_lora", steps=2, overrides=[])
     assert [r["mode"] for r in results] == ["none", "hooks", "ghost"]
     assert all(r["step_ms"] > 0 for r in results) and results[0]["vs_no_dp"] == 1.0
+
+
+def test_secagg_benchmark_verifies_its_sums_on_small_sizes(tmp_path):
+    out = tmp_path / "secagg.json"
+    assert _load("secagg").main(["--clients", "10", "20", "--values", "500", "--dropout", "0.1", "--json", str(out)]) == 0
+    results = __import__("json").loads(out.read_text())["results"]
+    assert [(r["clients"], r["neighbors"]) for r in results] == [(10, "all"), (10, 4), (20, "all"), (20, 6)]
+    assert all(r["verified"] and r["dropped"] == round(0.1 * r["clients"]) for r in results)
