@@ -370,7 +370,8 @@ class Simulation:
             server_metrics = ray.get(server.secagg_aggregate.remote(round_idx, *(ref for _, ref in revealed.values())))
             aborted, aggregated = "", len(senders)
         except SecAggAborted as reason:
-            aborted, aggregated = str(reason).strip().splitlines()[-1], 0
+            # Raised in the server actor, it arrives wrapped by Ray: keep the message only.
+            aborted, aggregated = str(reason).strip().splitlines()[-1].split("SecAggAborted: ")[-1], 0
             log.warning("round %d: secure aggregation aborted (%s); the global adapter is unchanged", round_idx, aborted)
             server_metrics = {"aggregation_error": math.nan, "uplink_bytes": ray.get(server.secagg_abort.remote(round_idx))}
         sent_values = sum(len(m["clients"]) for m in metas) * self.sent_values_per_client
@@ -470,6 +471,7 @@ class Simulation:
             "startup_s": round(self.startup_s, 3),
             "rounds_wall_s": round(sum(r["wall_s"] for r in rows), 3),
             "privacy": self.budget.summary(),
+            "secagg": {"enabled": self.secure, "aborted_rounds": sum(bool(r.get("secagg_aborted")) for r in rows)},
         }
         path = self.output_dir / "summary.json"
         _write_atomic(path, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
