@@ -35,3 +35,10 @@ def test_secagg_benchmark_verifies_its_sums_on_small_sizes(tmp_path):
     results = __import__("json").loads(out.read_text())["results"]
     assert [(r["clients"], r["neighbors"]) for r in results] == [(10, "all"), (10, 4), (20, "all"), (20, 6)]
     assert all(r["verified"] and r["dropped"] == round(0.1 * r["clients"]) for r in results)
+
+
+def test_overhead_runs_the_same_work_in_both_loops():
+    result = _load("overhead").measure(clients=10, rounds=1, overrides=["clients.per_round=4", "train.local_steps=2", "data.max_rows=2000"])
+    assert result["raysim_s"] > 0 and result["bare_s"] > 0 and result["ratio"] > 0
+    assert result["max_adapter_difference"] < 1e-6 < 1e-3 < result["max_adapter_change"]  # same work, and it did something
+    assert set(result["round_breakdown_s"]) >= {"aggregation (server call)", "scheduling and serialization (the rest)"}

@@ -275,7 +275,9 @@ class Simulation:
             trained = self._gather(round_idx, calls, by_worker, "training")
             metas = [meta for meta, _ in trained.values()]
             weight = sum(m["weight"] for m in metas)
+            aggregate_started = time.perf_counter()
             server_metrics = ray.get(self.server.aggregate.remote(round_idx, weight, *(ref for _, ref in trained.values())))
+            server_metrics["aggregate_s"] = time.perf_counter() - aggregate_started
         trained_clients = sum(len(m["clients"]) for m in metas)
         completed = secagg_row.pop("aggregated") if self.secure else trained_clients
         newly_exhausted = self.budget.record_round({c: p for m in metas for c, p in m["privacy"].items()})
@@ -286,6 +288,7 @@ class Simulation:
                 ", ".join(map(str, newly_exhausted)),
                 self.cfg.privacy.target_epsilon,
             )
+        slowest = max(metas, key=lambda m: m["train_s"], default={"train_s": 0.0, "steps_s": 0.0})
         row: dict[str, Any] = {
             "round": round_idx,
             "lr": train["lr"],
@@ -295,7 +298,9 @@ class Simulation:
             "aggregation_error": server_metrics["aggregation_error"],
             "uplink_bytes": server_metrics.get("uplink_bytes", completed * self.sent_bytes_per_client),
             "downlink_bytes": len(sampled) * self.sent_bytes_per_client,
-            "train_s": max((m["train_s"] for m in metas), default=0.0),
+            "train_s": slowest["train_s"],
+            "steps_s": slowest["steps_s"],
+            "aggregate_s": server_metrics.get("aggregate_s", math.nan),
             "epsilon": self.budget.epsilon,
             "delta": self.budget.delta if self.budget.enabled else 0.0,
             **secagg_row,

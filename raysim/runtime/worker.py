@@ -158,7 +158,7 @@ class ClientWorker:
         secure = inbox is not None
         want_products = bool(self.cfg.eval.aggregation_error) and not central and not secure
         product_sum = {}
-        weight_total, loss_sum, trained, privacy = 0.0, 0.0, [], {}
+        weight_total, loss_sum, trained, privacy, steps_s = 0.0, 0.0, [], {}, 0.0
         masked, clipped = np.uint64(0), 0
         for cid in client_ids:
             if secure:
@@ -173,6 +173,7 @@ class ClientWorker:
             load_adapter(self.params, start_state)
             swap_optimizer_state(self.optimizer, self.param_list, state.optimizer_state)
             torch.manual_seed(step_seed(self.cfg.seed, round_idx, cid))
+            steps_started = time.perf_counter()
             if self.dp:
                 loss, privacy[cid] = self._train_private(cid, data, state, train_cfg, round_idx)
                 if not privacy[cid]["trained"]:
@@ -180,6 +181,7 @@ class ClientWorker:
             else:
                 batches = shuffled_batches(state, data.lengths, train_cfg.batch_size, train_cfg.local_steps)
                 loss = local_train(self.model, self.optimizer, data, batches, self.device)
+            steps_s += time.perf_counter() - steps_started
             state.optimizer_state = saved_optimizer_state(self.optimizer, self.param_list)
             trained.append(cid)
             loss_sum += loss
@@ -217,6 +219,7 @@ class ClientWorker:
             "weight": weight_total,
             "loss_sum": loss_sum,
             "train_s": time.perf_counter() - start,
+            "steps_s": steps_s,  # of train_s, the local steps themselves
             "privacy": privacy,
         }
         if secure:

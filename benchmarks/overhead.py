@@ -1,0 +1,195 @@
+"""raysim against the bare PyTorch loop on identical work: the runtime's overhead, and where it goes.
+
+    python benchmarks/overhead.py --clients 100 --json FILE
+    python benchmarks/overhead.py --clients 100 --rounds 5 key=value ...
+
+The workload (issue 5's reference): configs/tiny.yaml (a BERT with hidden size 64 and 2 layers),
+LoRA r=8 on query/value with A frozen (FFA-LoRA), N iid clients, 10 per round, 10 local SGD steps
+of batch 16 at length 64.
+- bare: one process, no Ray. Same model, same clients' batches and seeds, same FFA-LoRA update and
+  averaging (the same `Server` logic, called in-process), with torch using as many threads as
+  the raysim run's workers have CPUs in total.
+- raysim: a Simulation on a local Ray with the same CPUs (2 workers x 1 CPU by default).
+Both skip per-round evaluation. The two final adapters are compared, so the work is the same.
+
+``ratio`` is raysim's time over the bare loop's for the rounds; start-up is reported apart. The
+ideal parallel round is the bare loop's single-thread step time x steps per round / worker CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from raysim import Simulation, load_config
+from raysim.config import CONFIG_DIR
+from raysim.data.loading import from_arrow
+from raysim.data.prepare import prepare
+from raysim.model import adapter_state, build_model, frozen_lora_a, load_tokenizer, trainable_parameters
+from raysim.runtime.server import Server
+from raysim.training import (
+    ClientData,
+    ClientState,
+    load_adapter,
+    local_train,
+    make_optimizer,
+    saved_optimizer_state,
+    shuffled_batches,
+    step_seed,
+    swap_optimizer_state,
+)
+
+WORKLOAD = [
+    "data.partition=iid",
+    "data.max_rows=0",
+    "data.max_length=64",
+    "clients.per_round=10",
+    "train.local_steps=10",
+    "train.batch_size=16",
+    "train.optimizer=sgd",
+    "train.lr=0.05",
+    "eval.every=1000000",
+    "eval.aggregation_error=false",
+    "worker.count=2",
+    "worker.num_cpus=1",
+]
+
+
+def bare_loop(cfg, rounds: int, threads: int) -> dict:
+    """The same rounds in one process: no Ray, no serialization, one resident model."""
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
+    model = build_model(cfg, len(data.label_names))
+    params = trainable_parameters(model)
+    param_list = list(params.values())
+    optimizer = make_optimizer(cfg.train, param_list)
+    server = Server(cfg.method, cfg.seed, cfg.clients.num, cfg.server.lr, cfg.server.momentum)
+    initial = adapter_state(model)
+    server.initialize(initial, frozen_lora_a(model))
+    shards = [ClientData(*from_arrow(t)) for t in data.client_shards]
+    states = {c: ClientState.new(cfg.seed, c) for c in range(cfg.clients.num)}
+    startup_s = time.perf_counter() - started
+    round_s, steps_s = [], 0.0
+    for round_idx in range(1, rounds + 1):
+        started = time.perf_counter()
+        start = {k: torch.from_numpy(np.array(v)) for k, v in server.state.items()}
+        delta_sum = {k: torch.zeros_like(v) for k, v in start.items()}
+        weight_total = 0.0
+        for cid in server.sample(round_idx, cfg.clients.per_round):
+            shard, state = shards[cid], states[cid]
+            load_adapter(params, start)
+            swap_optimizer_state(optimizer, param_list, state.optimizer_state)
+            torch.manual_seed(step_seed(cfg.seed, round_idx, cid))
+            batches = shuffled_batches(state, shard.lengths, cfg.train.batch_size, cfg.train.local_steps)
+            steps_started = time.perf_counter()
+            local_train(model, optimizer, shard, batches, torch.device("cpu"))
+            steps_s += time.perf_counter() - steps_started
+            state.optimizer_state = saved_optimizer_state(optimizer, param_list)
+            weight = float(len(shard))
+            weight_total += weight
+            with torch.no_grad():
+                for k, total in delta_sum.items():
+                    total.add_(params[k] - start[k], alpha=weight)
+        server.aggregate(round_idx, weight_total, {"delta_sum": {k: v.numpy() for k, v in delta_sum.items()}, "product_sum": {}})
+        round_s.append(time.perf_counter() - started)
+    client_steps = rounds * cfg.clients.per_round * cfg.train.local_steps
+    change = max(float(np.max(np.abs(server.state[k] - initial[k]))) for k in initial)
+    return {"startup_s": startup_s, "round_s": round_s, "step_ms": 1e3 * steps_s / client_steps, "adapter": server.state, "change": change}
+
+
+def raysim_run(cfg, rounds: int) -> dict:
+    started = time.perf_counter()
+    with Simulation(cfg) as sim:
+        startup_s = time.perf_counter() - started
+        rows = [sim.run_round() for _ in range(rounds)]
+        adapter = sim.global_adapter()
+    return {"startup_s": startup_s, "rows": rows, "adapter": adapter}
+
+
+def measure(clients: int, rounds: int, overrides: list[str]) -> dict:
+    """Both runs and the comparison; starts (and stops) a local Ray unless one is running."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(CONFIG_DIR / "tiny.yaml", [*WORKLOAD, f"clients.num={clients}", f"output_dir={tmp}/run", *overrides])
+        cpus = int(cfg.worker.count * cfg.worker.num_cpus)
+        single = bare_loop(cfg, min(rounds, 2), threads=1)  # single-thread step time, for the ideal parallel round
+        bare = bare_loop(cfg, rounds, threads=cpus)
+        ray_started = time.perf_counter()
+        owns_ray = not ray.is_initialized()
+        if owns_ray:
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
+        ray_start_s = time.perf_counter() - ray_started
+        try:
+            ours = raysim_run(cfg, rounds)
+        finally:
+            if owns_ray:
+                ray.shutdown()
+
+    rows = ours["rows"]
+    raysim_s, bare_s = sum(r["wall_s"] for r in rows), sum(bare["round_s"])
+    ideal_round_s = single["step_ms"] / 1e3 * cfg.clients.per_round * cfg.train.local_steps / cpus
+    mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+    return {
+        "clients": clients,
+        "per_round": cfg.clients.per_round,
+        "local_steps": cfg.train.local_steps,
+        "rounds": rounds,
+        "cpus": cpus,
+        "raysim_s": raysim_s,
+        "bare_s": bare_s,
+        "ratio": raysim_s / bare_s,
+        "startup_s": ours["startup_s"],
+        "ray_start_s": ray_start_s,
+        "bare_startup_s": bare["startup_s"],
+        "single_thread_step_ms": single["step_ms"],
+        "ideal_parallel_round_s": ideal_round_s,
+        "parallel_efficiency": ideal_round_s / (raysim_s / rounds),
+        "round_breakdown_s": {
+            "local steps (slowest worker)": mean("steps_s"),
+            "adapter swaps and deltas (slowest worker)": mean("train_s") - mean("steps_s"),
+            "aggregation (server call)": mean("aggregate_s"),
+            "evaluation": mean("eval_s"),
+            "scheduling and serialization (the rest)": mean("wall_s") - mean("train_s") - mean("aggregate_s") - mean("eval_s"),
+        },
+        "max_adapter_change": bare["change"],
+        "max_adapter_difference": max(float(np.max(np.abs(ours["adapter"][k] - bare["adapter"][k]))) for k in bare["adapter"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("overrides", nargs="*", help="key=value on top of the reference workload")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    r = measure(args.clients, args.rounds, args.overrides)
+    rounds, steps = r["rounds"], r["per_round"] * r["local_steps"]
+    print(f"{r['clients']} clients, {r['per_round']} per round, {steps} client-steps per round, {r['cpus']} CPUs, {rounds} rounds")
+    print(f"  raysim   {r['raysim_s']:7.2f} s  ({r['raysim_s'] / rounds:.3f} s/round; start-up {r['startup_s']:.1f} s after Ray's own {r['ray_start_s']:.1f} s)")
+    print(f"  bare     {r['bare_s']:7.2f} s  ({r['bare_s'] / rounds:.3f} s/round, {r['cpus']} threads; start-up {r['bare_startup_s']:.1f} s)")
+    print(f"  ratio    {r['ratio']:.2f}")
+    print(
+        f"  ideal parallel round {r['ideal_parallel_round_s']:.3f} s (single-thread step {r['single_thread_step_ms']:.1f} ms); "
+        f"raysim's parallel efficiency {r['parallel_efficiency']:.0%}"
+    )
+    print("  raysim's round, on average:")
+    for name, seconds in r["round_breakdown_s"].items():
+        print(f"    {name:<44}{seconds:7.3f} s")
+    print(f"  same work: final adapters differ by at most {r['max_adapter_difference']:.1e} (training moved them by up to {r['max_adapter_change']:.1e})")
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
