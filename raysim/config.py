@@ -201,6 +201,9 @@ class WorkerConfig:
     num_gpus: float = 0.0
     # Ray restarts a dead worker this many times; its clients lose their local state.
     max_restarts: int = 1
+    # Even out each round's clients over the workers, moving a few clients' local state between
+    # them; false keeps every client on the worker it started on.
+    rebalance: bool = True
 
 
 @dataclass

@@ -101,7 +101,7 @@ def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> tor
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if is_lora_a(param_name):
-                param.copy_(seeded_lora_a(param_name, tuple(param.shape), cfg.seed))
+                param.copy_(torch.from_numpy(seeded_lora_a(param_name, tuple(param.shape), cfg.seed)))
                 param.requires_grad_(method.trains(param_name))
     model.train()  # transformers loads in eval mode; dropout (and Opacus hooks) need train mode
     return model

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from raysim.config import UserError, tweets_path
 from raysim.data import partition as part
 from raysim.data.loading import clean, from_arrow, read_table, split_indices, to_arrow
-from raysim.data.prepare import assign_clients
+from raysim.runtime.placement import assign_clients, balance
 
 
 def _table():
@@ -152,3 +152,28 @@ def test_prepare_counts_dropped_rows_in_the_log(tmp_path, caplog):
         data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
     assert "dropped 2 rows with empty text and 2 rows with a label outside ['neg', 'pos']" in caplog.text
     assert sum(t.num_rows for t in data.client_shards) + data.eval_full.num_rows == 40
+
+
+def test_balance_evens_out_a_round_with_the_fewest_moves():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        workers = int(rng.integers(1, 6))
+        num = int(rng.integers(workers, 40))
+        owner = {c: int(rng.integers(workers)) for c in range(num)}
+        sampled = sorted(rng.choice(num, int(rng.integers(1, num + 1)), replace=False).tolist())
+        placed, moves = balance(sampled, owner, workers)
+        assert sorted(c for ids in placed.values() for c in ids) == sampled
+        counts = [len(placed.get(w, [])) for w in range(workers)]
+        assert max(counts) - min(counts) <= 1
+        moved = {c: (src, dst) for c, src, dst in moves}
+        for w, ids in placed.items():
+            for c in ids:
+                assert (w == owner[c]) != (c in moved) and (c not in moved or moved[c] == (owner[c], w))
+        # Fewest moves, by brute force over which workers take the extra clients.
+        held = [sum(owner[c] == w for c in sampled) for w in range(workers)]
+        base, extra = divmod(len(sampled), workers)
+        fewest = min(
+            sum(max(0, held[w] - base - (w in extras)) for w in range(workers))
+            for extras in itertools.combinations(range(workers), extra)
+        )
+        assert len(moves) == fewest

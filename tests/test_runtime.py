@@ -77,6 +77,25 @@ def test_same_seed_same_run(tmp_path):
     assert all(np.array_equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
 
+@pytest.mark.parametrize("privacy", [[], ["privacy.mode=local_dp_sgd", "privacy.noise_multiplier=0.8", "privacy.max_grad_norm=1.0"]])
+def test_rebalancing_moves_clients_without_changing_the_run(tmp_path, privacy):
+    """Clients moved between workers to even out rounds take their AdamW moments, data order and
+    accountant with them: the run equals one where every client stays on its first worker."""
+    results = {}
+    for rebalance in (False, True):
+        cfg = tiny_config(tmp_path / str(rebalance), "clients.num=12", "clients.per_round=6", "rounds=4", f"worker.rebalance={rebalance}", *privacy)
+        with Simulation(cfg) as sim:
+            owners = dict(sim.client_worker)
+            sim.run(progress=False)
+            results[rebalance] = (sim.global_adapter(), sim.metrics, sim.client_privacy(), owners != sim.client_worker)
+    (sticky, sticky_rows, sticky_eps, _), (moved, moved_rows, moved_eps, clients_moved) = results[False], results[True]
+    assert clients_moved
+    for k in sticky:
+        np.testing.assert_allclose(moved[k], sticky[k], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(moved_rows.column("train_loss").to_numpy(), sticky_rows.column("train_loss").to_numpy(), rtol=1e-4)
+    assert moved_eps.to_pylist() == sticky_eps.to_pylist()
+
+
 def test_existing_output_dir_is_not_overwritten(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.parquet").write_text("keep me")

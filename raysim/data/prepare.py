@@ -72,21 +72,6 @@ def prepare(cfg, tokenizer) -> PreparedData:
     return PreparedData(shards, eval_full, subset, data.label_names, np.bincount(labels[:n_train], minlength=len(data.label_names)))
 
 
-def assign_clients(sizes: list[int], num_workers: int) -> list[list[int]]:
-    """Sticky client -> worker assignment. Client counts are equal (each client trains the same
-    number of steps per round, so counts balance compute); within that, largest shards go first onto
-    the lightest worker with room, which balances data (memory)."""
-    capacity = -(-len(sizes) // num_workers)
-    loads = np.zeros(num_workers)
-    groups: list[list[int]] = [[] for _ in range(num_workers)]
-    for cid in sorted(range(len(sizes)), key=lambda c: (-sizes[c], c)):
-        open_workers = [w for w in range(num_workers) if len(groups[w]) < capacity]
-        w = min(open_workers, key=lambda w: (loads[w], w))
-        groups[w].append(cid)
-        loads[w] += sizes[cid]
-    return [sorted(g) for g in groups]
-
-
 def split_for_workers(rows: np.ndarray, lengths: np.ndarray, num_workers: int) -> list[np.ndarray]:
     """Deal evaluation rows to workers by length, round robin, so each gets equal work."""
     order = rows[np.argsort(lengths[rows], kind="stable")]

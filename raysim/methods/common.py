@@ -12,7 +12,6 @@ import zlib
 from typing import Iterable, Mapping
 
 import numpy as np
-import torch
 
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
@@ -32,14 +31,14 @@ def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
     return pairs
 
 
-def seeded_lora_a(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """A LoRA A matrix drawn from (seed, parameter name) alone, identical in every process.
+def seeded_lora_a(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A LoRA A matrix (float32) drawn from (seed, parameter name) alone, identical in every process.
 
     Same distribution as PEFT's default (Kaiming-uniform with a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in))).
     """
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     bound = 1.0 / float(np.sqrt(shape[-1]))
-    return (torch.rand(shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
 def mean_delta(delta_sum: Mapping[str, np.ndarray], total_weight: float) -> dict[str, np.ndarray]:

@@ -9,14 +9,18 @@ sampled independently with rate q = per_round / num (Poisson), the sampling the 
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the server imports this module and has no use for torch
+    import torch
 
 
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:
-    return float(torch.sqrt(sum(torch.sum(t.double() ** 2) for t in update.values())))
+    """L2 norm over all tensors together, accumulated in float64."""
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in update.values()))
 
 
 def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:

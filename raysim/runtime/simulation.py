@@ -27,9 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from raysim.config import ConfigError, UserError, from_dict, load_config, to_yaml
-from raysim.data.prepare import assign_clients, prepare, split_for_workers
+from raysim.data.prepare import prepare, split_for_workers
 from raysim.model import check_model, load_tokenizer
 from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
+from raysim.runtime.placement import assign_clients, balance
 from raysim.runtime.server import Server
 from raysim.runtime.worker import ClientWorker
 from raysim.secagg.encoding import ring_bits
@@ -86,8 +87,8 @@ class Simulation:
             raise
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
-        self.worker_clients = assign_clients(self.client_sizes, num_workers)
-        self.client_worker = {c: w for w, group in enumerate(self.worker_clients) for c in group}
+        # Each client's owner: the worker holding its local state (see raysim.runtime.placement).
+        self.client_worker = {c: w for w, group in enumerate(assign_clients(self.client_sizes, num_workers)) for c in group}
         eval_lengths = data.eval_full.column("length").to_numpy()
         full_parts = split_for_workers(np.arange(data.eval_full.num_rows), eval_lengths, num_workers)
         subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
@@ -110,14 +111,12 @@ class Simulation:
         self.server = ray.remote(num_cpus=0)(self.server_class).remote(
             self.cfg.method, self.cfg.seed, self.cfg.clients.num, self.cfg.server.lr, self.cfg.server.momentum, central_dp, secagg
         )
-        # Each worker's shards go into the object store once, as one bundle. The driver keeps the
-        # references, so a worker restarted by Ray is handed the same shards again.
-        self._data_refs = [
-            (
-                ray.put({c: data.client_shards[c] for c in group}),
-                ray.put({"full": data.eval_full.take(full_parts[w]), "subset": data.eval_full.take(subset_parts[w])}),
-            )
-            for w, group in enumerate(self.worker_clients)
+        # The shards go into the object store once, as one bundle that every worker on a node maps
+        # without copying. The driver keeps the references, so a worker restarted by Ray is handed
+        # the same data again.
+        self._shards_ref = ray.put(dict(enumerate(data.client_shards)))
+        self._eval_refs = [
+            ray.put({"full": data.eval_full.take(full_parts[w]), "subset": data.eval_full.take(subset_parts[w])}) for w in range(num_workers)
         ]
         self.workers = [
             ClientWorker.options(
@@ -176,17 +175,24 @@ class Simulation:
                 f"for {cfg.rounds} rounds ({err}); raise it, or use fewer rounds or privacy.client_rounds"
             ) from None
 
+    @property
+    def worker_clients(self) -> list[list[int]]:
+        """The clients each worker owns now."""
+        groups: list[list[int]] = [[] for _ in self.workers]
+        for c, w in sorted(self.client_worker.items()):
+            groups[w].append(c)
+        return groups
+
     def _load_args(self, w: int) -> tuple:
-        """What worker ``w`` is loaded with: its shards, its evaluation slices, and under local DP
-        its clients' noise and accountant histories so far."""
+        """What worker ``w`` is loaded with: the shards, its evaluation slices, and under local DP
+        the clients' noise and the accountant histories so far of the clients it owns."""
         privacy = None
         if self.budget.mode == "local_dp_sgd":
-            group = self.worker_clients[w]
             privacy = {
-                "noise": {c: self.budget.noise[c] for c in group},
-                "histories": {c: self.budget.histories.get(c, []) for c in group},
+                "noise": dict(enumerate(self.budget.noise)),
+                "histories": {c: self.budget.histories.get(c, []) for c in self.worker_clients[w]},
             }
-        return (*self._data_refs[w], privacy)
+        return (self._shards_ref, self._eval_refs[w], privacy)
 
     def _init_ray(self) -> None:
         if ray.is_initialized():
@@ -262,16 +268,17 @@ class Simulation:
         excluded = sorted(self.budget.exhausted)
         sampled = ray.get(self.server.sample.remote(round_idx, cfg.clients.per_round, excluded))
         (global_ref,) = ray.get(self.server.broadcast.remote())
-        by_worker: dict[int, list[int]] = {}
-        for c in sampled:
-            by_worker.setdefault(self.client_worker[c], []).append(c)
+        by_worker, arrivals = self._place(round_idx, sampled)
         train = {k: cfg.train[k] for k in _TRAIN_KEYS}
         train["lr"] = cfg.train.lr * cfg.train.lr_decay ** (round_idx - 1)
         secagg_row: dict[str, Any] = {}
         if self.secure:
-            metas, server_metrics, secagg_row = self._secure_round(round_idx, global_ref, by_worker, train)
+            metas, server_metrics, secagg_row = self._secure_round(round_idx, global_ref, by_worker, train, arrivals)
         else:
-            calls = {w: self.workers[w].train_clients.remote(global_ref, ids, round_idx, train) for w, ids in by_worker.items()}
+            calls = {
+                w: self.workers[w].train_clients.remote(global_ref, ids, round_idx, train, arrivals=arrivals.get(w))
+                for w, ids in by_worker.items()
+            }
             trained = self._gather(round_idx, calls, by_worker, "training")
             metas = [meta for meta, _ in trained.values()]
             weight = sum(m["weight"] for m in metas)
@@ -325,6 +332,35 @@ class Simulation:
         self._write_metrics()
         return row
 
+    def _place(self, round_idx: int, sampled: list[int]) -> tuple[dict[int, list[int]], dict[int, dict]]:
+        """This round's clients per worker, and the local state of the clients that move (by their
+        new worker). A client whose worker died while handing it over drops out of the round."""
+        if not self.cfg.worker.rebalance:
+            by_worker: dict[int, list[int]] = {}
+            for c in sorted(sampled):
+                by_worker.setdefault(self.client_worker[c], []).append(c)
+            return by_worker, {}
+        by_worker, moves = balance(sampled, self.client_worker, len(self.workers))
+        leaving: dict[int, list[int]] = {}
+        for cid, source, _ in moves:
+            leaving.setdefault(source, []).append(cid)
+        handed = {source: self.workers[source].hand_over.remote(ids) for source, ids in leaving.items()}
+        destination = {cid: dest for cid, _, dest in moves}
+        arrivals: dict[int, dict] = {}
+        for source, ref in handed.items():
+            try:
+                states = ray.get(ref)
+            except RayActorError as err:
+                log.warning("round %d: worker %d died handing over clients %s (%s); they count as dropped", round_idx, source, leaving[source], type(err).__name__)
+                for cid in leaving[source]:
+                    by_worker[destination[cid]].remove(cid)
+                self._reload(source)
+                continue
+            for cid, state in states.items():
+                arrivals.setdefault(destination[cid], {})[cid] = state
+                self.client_worker[cid] = destination[cid]
+        return {w: ids for w, ids in by_worker.items() if ids}, arrivals
+
     def _gather(self, round_idx: int, calls: dict[int, tuple], by_worker: dict[int, list[int]], stage: str) -> dict[int, tuple]:
         """(small result, payload reference) of each worker call that succeeded. A worker that died
         is handed its data again once Ray has restarted it; its clients drop out of the round."""
@@ -344,7 +380,9 @@ class Simulation:
                 self._reload(w)
         return done
 
-    def _secure_round(self, round_idx: int, global_ref, by_worker: dict[int, list[int]], train: dict) -> tuple[list, dict, dict]:
+    def _secure_round(
+        self, round_idx: int, global_ref, by_worker: dict[int, list[int]], train: dict, arrivals: dict[int, dict]
+    ) -> tuple[list, dict, dict]:
         """One round of SecAgg+: workers act for their clients, the server only routes keys and
         shares, receives masked sums and unmasks their total. An aborted round leaves the global
         adapter unchanged. Returns (worker metadata, server metrics, secagg columns)."""
@@ -365,7 +403,7 @@ class Simulation:
             inboxes = server.secagg_route.options(num_returns=len(alive)).remote(round_idx, groups, *(ref for _, ref in shared.values()))
             inboxes = inboxes if len(alive) > 1 else [inboxes]
             calls = {
-                w: workers[w].train_clients.remote(global_ref, by_worker[w], round_idx, train, inbox, weight_scale)
+                w: workers[w].train_clients.remote(global_ref, by_worker[w], round_idx, train, inbox, weight_scale, arrivals.get(w))
                 for w, inbox in zip(alive, inboxes)
             }
             trained = self._gather(round_idx, calls, by_worker, "training")

@@ -19,14 +19,11 @@ import pyarrow as pa
 import ray
 import torch
 from omegaconf import OmegaConf
-from opacus.accountants import create_accountant
 
 from raysim.data.loading import from_arrow
 from raysim.methods.common import lora_pairs
 from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_parameters
-from raysim.privacy.accounting import epsilon
 from raysim.privacy.central_dp import clip_update
-from raysim.privacy.local_dp import DPSGD, poisson_batch, sample_rate
 from raysim.secagg.encoding import encode_update, ring_bits, ring_mask
 from raysim.secagg.protocol import ClientRound, advertise, dropout_stage, masked_input, share_keys, unmask
 from raysim.training import (
@@ -56,6 +53,10 @@ def _as_client_data(table: pa.Table) -> ClientData:
     return ClientData(*from_arrow(table))
 
 
+def _moments_to(saved: dict[int, dict], device: torch.device) -> dict[int, dict]:
+    return {i: {k: v.to(device) if torch.is_tensor(v) else v for k, v in m.items()} for i, m in saved.items()}
+
+
 @ray.remote
 class ClientWorker:
     def __init__(self, cfg: dict, index: int, num_labels: int):
@@ -70,6 +71,9 @@ class ClientWorker:
         self.privacy = self.cfg.privacy
         self.dp = None
         if self.privacy.mode == "local_dp_sgd":
+            # Opacus is imported only where DP-SGD runs: it adds about 0.5 s to every worker's start.
+            from raysim.privacy.local_dp import DPSGD
+
             self.dp = DPSGD(self.model, self.optimizer, self.privacy.max_grad_norm, self.privacy.grad_sample_mode)
         self.noise: dict[int, float] = {}
         self.histories: dict[int, list] = {}
@@ -84,9 +88,10 @@ class ClientWorker:
         self.secagg_publics: dict[int, dict] = {}
 
     def load(self, shards: dict[int, pa.Table], eval_tables: dict[str, pa.Table], privacy: dict | None = None) -> dict:
-        """Take this worker's client shards and evaluation slices (again after a restart), and under
-        local DP its clients' noise multipliers and accountant histories (kept by the driver, so a
-        restart never resets a client's epsilon)."""
+        """Take every client's shard (one object shared by the workers of a node, so any worker can
+        train any client) and this worker's evaluation slices, again after a restart; under local DP
+        the clients' noise multipliers and the accountant histories of the clients it owns (kept by
+        the driver, so a restart never resets a client's epsilon)."""
         self.clients = {cid: _as_client_data(t) for cid, t in shards.items()}
         self.eval_sets = {name: _as_client_data(t) for name, t in eval_tables.items()}
         self.states = {}
@@ -99,6 +104,8 @@ class ClientWorker:
         if cid not in self.states:
             state = ClientState.new(self.cfg.seed, cid)
             if self.dp:
+                from opacus.accountants import create_accountant
+
                 state.accountant = create_accountant(mechanism=self.privacy.accountant)
                 state.accountant.history = [tuple(h) for h in self.histories.get(cid, [])]
             self.states[cid] = state
@@ -107,6 +114,9 @@ class ClientWorker:
     def _train_private(self, cid: int, data: ClientData, state: ClientState, train_cfg, round_idx: int) -> tuple[float, dict]:
         """DP-SGD steps for one client; (loss, its accounting), or (nan, ...) without training
         when this round would take it over its budget."""
+        from raysim.privacy.accounting import epsilon
+        from raysim.privacy.local_dp import poisson_batch, sample_rate
+
         privacy, target = self.privacy, self.privacy.target_epsilon
         sigma, rate, steps = self.noise[cid], sample_rate(len(data), train_cfg.batch_size), train_cfg.local_steps
 
@@ -126,6 +136,17 @@ class ClientWorker:
         exhausted = target is not None and spent(after, steps) > target  # would the next round fit?
         return loss, {"history": after, "epsilon": spent(after), "exhausted": exhausted, "trained": True}
 
+    def hand_over(self, client_ids: list[int]) -> dict[int, ClientState]:
+        """The local state of clients moving to another worker, which this worker then forgets.
+        A client that has no state here yet gets it made first, so its accountant history moves too."""
+        out = {}
+        for cid in client_ids:
+            state = self._state(cid)
+            del self.states[cid]
+            state.optimizer_state = _moments_to(state.optimizer_state, torch.device("cpu"))
+            out[cid] = state
+        return out
+
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "clients": len(self.clients)}
 
@@ -139,15 +160,26 @@ class ClientWorker:
 
     @ray.method(num_returns=2)
     def train_clients(
-        self, global_state: dict, client_ids: list[int], round_idx: int, train: dict, inbox: dict | None = None, weight_scale: float = 1.0
+        self,
+        global_state: dict,
+        client_ids: list[int],
+        round_idx: int,
+        train: dict,
+        inbox: dict | None = None,
+        weight_scale: float = 1.0,
+        arrivals: dict[int, ClientState] | None = None,
     ):
         """Train each client from the global adapter; return (small metadata, partial sums).
+        ``arrivals``: the state of clients handed over by another worker this round.
 
         With secure aggregation, ``inbox`` holds the encrypted shares each client received, and the
         partial sum is the sum of the clients' masked inputs mod 2^k (weights divided by
         ``weight_scale``, the largest client's, so they lie in (0, 1]); clients that drop before
         sending are not trained."""
         start = time.perf_counter()
+        for cid, state in (arrivals or {}).items():
+            state.optimizer_state = _moments_to(state.optimizer_state, self.device)
+            self.states[cid] = state
         train_cfg = OmegaConf.create(train)
         optimizer = self.dp.optimizer if self.dp else self.optimizer
         for group in optimizer.param_groups:
