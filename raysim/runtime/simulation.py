@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from raysim.config import ConfigError, UserError, from_dict, load_config, to_yaml
-from raysim.data.prepare import prepare, split_for_workers
+from raysim.data.prepare import DataPlan, plan_data, split_for_workers, tokenize_plan
 from raysim.model import check_model, load_tokenizer
 from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
 from raysim.runtime.placement import assign_clients, balance
@@ -71,28 +72,31 @@ class Simulation:
         self._rows: list[dict[str, Any]] = []
         self._owns_ray = False
 
-        # Everything a user can get wrong in the model or data fails here, before Ray or any output.
-        tokenizer = load_tokenizer(self.cfg.model.name_or_path)
-        data = prepare(self.cfg, tokenizer)
-        check_model(self.cfg, len(data.label_names))
-        self.label_names = data.label_names
-        self.client_sizes = [t.num_rows for t in data.client_shards]
-        self.budget = self._plan_privacy()
-
-        self._init_ray()
-        try:
-            num_workers = min(self._worker_count(), self.cfg.clients.num)
-        except UserError:
-            self.shutdown()
-            raise
+        # Everything a user can get wrong in the model or data fails here, before any output. The
+        # checks run while Ray starts (its start is mostly waiting on its own processes).
+        with ThreadPoolExecutor(1) as pool:
+            checked = pool.submit(self._check_inputs)
+            self._init_ray()
+            try:
+                tokenizer, plan = checked.result()
+                num_workers = min(self._worker_count(), self.cfg.clients.num)
+            except UserError:
+                self.shutdown()
+                raise
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
-        # Each client's owner: the worker holding its local state (see raysim.runtime.placement).
-        self.client_worker = {c: w for w, group in enumerate(assign_clients(self.client_sizes, num_workers)) for c in group}
-        eval_lengths = data.eval_full.column("length").to_numpy()
-        full_parts = split_for_workers(np.arange(data.eval_full.num_rows), eval_lengths, num_workers)
-        subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        # The actors start now: importing torch and transformers takes a worker several seconds,
+        # while the driver tokenizes the data.
+        self.workers = [
+            ClientWorker.options(
+                num_cpus=self.cfg.worker.num_cpus,
+                num_gpus=self.cfg.worker.num_gpus,
+                max_restarts=self.cfg.worker.max_restarts,
+                max_task_retries=0,
+            ).remote(resolved, w, len(self.label_names))
+            for w in range(num_workers)
+        ]
         central_dp = None
         if self.budget.mode == "central_dp":
             b = self.budget
@@ -111,21 +115,18 @@ class Simulation:
         self.server = ray.remote(num_cpus=0)(self.server_class).remote(
             self.cfg.method, self.cfg.seed, self.cfg.clients.num, self.cfg.server.lr, self.cfg.server.momentum, central_dp, secagg
         )
+        data = tokenize_plan(plan, tokenizer, self.cfg.data.max_length)
+        # Each client's owner: the worker holding its local state (see raysim.runtime.placement).
+        self.client_worker = {c: w for w, group in enumerate(assign_clients(self.client_sizes, num_workers)) for c in group}
+        eval_lengths = data.eval_full.column("length").to_numpy()
+        full_parts = split_for_workers(np.arange(data.eval_full.num_rows), eval_lengths, num_workers)
+        subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
         # The shards go into the object store once, as one bundle that every worker on a node maps
         # without copying. The driver keeps the references, so a worker restarted by Ray is handed
         # the same data again.
         self._shards_ref = ray.put(dict(enumerate(data.client_shards)))
         self._eval_refs = [
             ray.put({"full": data.eval_full.take(full_parts[w]), "subset": data.eval_full.take(subset_parts[w])}) for w in range(num_workers)
-        ]
-        self.workers = [
-            ClientWorker.options(
-                num_cpus=self.cfg.worker.num_cpus,
-                num_gpus=self.cfg.worker.num_gpus,
-                max_restarts=self.cfg.worker.max_restarts,
-                max_task_retries=0,
-            ).remote(resolved, w, len(self.label_names))
-            for w in range(num_workers)
         ]
         try:
             ready = ray.get([worker.load.remote(*self._load_args(w)) for w, worker in enumerate(self.workers)])
@@ -161,6 +162,17 @@ class Simulation:
                 secagg["ring_bits"],
                 f", {s.dropout_rate:.0%} of clients drop mid-protocol" if s.dropout_rate else "",
             )
+
+    def _check_inputs(self) -> tuple[Any, DataPlan]:
+        """Load the tokenizer, plan the data, build the model's skeleton and plan the privacy
+        budget: (tokenizer, data plan). Raises UserError (or ConfigError) naming what is wrong."""
+        tokenizer = load_tokenizer(self.cfg.model.name_or_path)
+        plan = plan_data(self.cfg)
+        check_model(self.cfg, len(plan.label_names))
+        self.label_names = plan.label_names
+        self.client_sizes = plan.client_sizes
+        self.budget = self._plan_privacy()
+        return tokenizer, plan
 
     def _plan_privacy(self) -> PrivacyBudget:
         """Solve the noise for the privacy target up front: an unreachable target fails here."""
@@ -200,6 +212,7 @@ class Simulation:
         address = self.cfg.ray.address or None
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
         if address is None:
+            kwargs["include_dashboard"] = bool(self.cfg.ray.dashboard)
             if self.cfg.ray.num_cpus:
                 kwargs["num_cpus"] = self.cfg.ray.num_cpus
         try:
