@@ -191,3 +191,18 @@ def test_tokenize_matches_the_transformers_call():
         expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         assert [list(row[:n]) for row, n in zip(ids, lengths)] == expected
         assert max(lengths) == min(max_length, max(len(e) for e in expected))
+
+
+def test_dirichlet_gives_every_client_examples_even_when_draws_leave_some_empty():
+    labels = np.random.default_rng(0).integers(0, 3, size=3200)
+    parts = part.dirichlet(labels, 1000, 0.5, seed=1)
+    assert _is_partition(parts, len(labels)) and sum(map(len, parts)) == len(labels)
+    assert min(map(len, parts)) >= 1
+    # The skew survives: label mixes far from the overall one, farther than an iid split's.
+    overall = np.bincount(labels) / len(labels)
+
+    def distance(split):
+        return np.mean([np.abs(np.bincount(labels[p], minlength=3) / len(p) - overall).sum() / 2 for p in split])
+
+    assert distance(parts) > 1.5 * distance(part.iid(labels, 1000, 1))
+    assert distance(parts) > 3 * distance(part.dirichlet(labels, 1000, 100.0, seed=1))
