@@ -106,7 +106,14 @@ def swap_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn
 
 
 def saved_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[int, dict]:
-    return {i: optimizer.state[p] for i, p in enumerate(params) if p in optimizer.state}
+    """Copies of the optimizer's state after a client's steps. Copies, because the optimizer's own
+    tensors were allocated among the step's temporaries: kept for thousands of clients they pin
+    the heap (measured: 136 KiB per client for 18 KiB of AdamW moments; copies cost their size)."""
+    return {
+        i: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+        for i, p in enumerate(params)
+        if p in optimizer.state
+    }
 
 
 def make_optimizer(train_cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

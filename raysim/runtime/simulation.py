@@ -121,10 +121,11 @@ class Simulation:
         eval_lengths = data.eval_full.column("length").to_numpy()
         full_parts = split_for_workers(np.arange(data.eval_full.num_rows), eval_lengths, num_workers)
         subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
-        # The shards go into the object store once, as one bundle that every worker on a node maps
-        # without copying. The driver keeps the references, so a worker restarted by Ray is handed
-        # the same data again.
-        self._shards_ref = ray.put(dict(enumerate(data.client_shards)))
+        # The clients' rows go into the object store once, as one table (client after client) and
+        # offsets, which every worker on a node maps without copying. The driver keeps the
+        # references, so a worker restarted by Ray is handed the same data again.
+        offsets = np.concatenate([[0], np.cumsum(self.client_sizes)])
+        self._shards_ref = ray.put((pa.concat_tables(data.client_shards).combine_chunks(), offsets))
         self._eval_refs = [
             ray.put({"full": data.eval_full.take(full_parts[w]), "subset": data.eval_full.take(subset_parts[w])}) for w in range(num_workers)
         ]

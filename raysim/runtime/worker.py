@@ -79,7 +79,8 @@ class ClientWorker:
         self.histories: dict[int, list] = {}
         self.frozen_a = {k: torch.from_numpy(v).to(self.device) for k, v in frozen_lora_a(self.model).items()}
         self.pairs = lora_pairs(list(self.params) + list(self.frozen_a))
-        self.clients: dict[int, ClientData] = {}
+        self.train_rows: ClientData | None = None  # every client's rows, client after client
+        self.offsets = np.zeros(1, dtype=np.int64)  # client c's rows: offsets[c]:offsets[c + 1]
         self.eval_sets: dict[str, ClientData] = {}
         self.states: dict[int, ClientState] = {}
         self.secagg = self.cfg.secagg if self.cfg.secagg.enabled else None
@@ -87,12 +88,14 @@ class ClientWorker:
         self.secagg_round: dict[int, ClientRound] = {}  # this round's secrets of this worker's clients
         self.secagg_publics: dict[int, dict] = {}
 
-    def load(self, shards: dict[int, pa.Table], eval_tables: dict[str, pa.Table], privacy: dict | None = None) -> dict:
-        """Take every client's shard (one object shared by the workers of a node, so any worker can
-        train any client) and this worker's evaluation slices, again after a restart; under local DP
-        the clients' noise multipliers and the accountant histories of the clients it owns (kept by
-        the driver, so a restart never resets a client's epsilon)."""
-        self.clients = {cid: _as_client_data(t) for cid, t in shards.items()}
+    def load(self, shards: tuple[pa.Table, np.ndarray], eval_tables: dict[str, pa.Table], privacy: dict | None = None) -> dict:
+        """Take every client's rows (one table and the clients' offsets into it, one object shared
+        by the workers of a node, so any worker can train any client) and this worker's evaluation
+        slices, again after a restart; under local DP the clients' noise multipliers and the
+        accountant histories of the clients it owns (kept by the driver, so a restart never resets a
+        client's epsilon)."""
+        table, self.offsets = shards
+        self.train_rows = _as_client_data(table)
         self.eval_sets = {name: _as_client_data(t) for name, t in eval_tables.items()}
         self.states = {}
         privacy = privacy or {}
@@ -148,7 +151,12 @@ class ClientWorker:
         return out
 
     def ready(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "clients": len(self.clients)}
+        return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "clients": len(self.offsets) - 1}
+
+    def _data(self, cid: int) -> ClientData:
+        """Client ``cid``'s rows: views, made when needed (thousands of clients cost no objects)."""
+        rows, start, end = self.train_rows, self.offsets[cid], self.offsets[cid + 1]
+        return ClientData(rows.ids[start:end], rows.lengths[start:end], rows.labels[start:end])
 
     def initial_adapter(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(trained-and-sent tensors, frozen A matrices) of the freshly built adapter."""
@@ -200,7 +208,7 @@ class ClientWorker:
                 if dropout_stage(self.cfg.seed, round_idx, cid, self.secagg.dropout_rate) == "before_input":
                     continue
                 secrets.received = inbox[cid]
-            data = self.clients[cid]
+            data = self._data(cid)
             state = self._state(cid)
             load_adapter(self.params, start_state)
             swap_optimizer_state(self.optimizer, self.param_list, state.optimizer_state)
