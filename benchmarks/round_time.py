@@ -2,9 +2,12 @@
 
     python benchmarks/round_time.py                       # both configs, 5 rounds each
     python benchmarks/round_time.py --configs tiny --rounds 3 key=value ...
+    python benchmarks/round_time.py --workers 1 2 4       # throughput against worker actors (1 CPU each)
 
-Ray is started once; each config then reports its own start-up (data, actors, model) apart from
-Ray's. Round 1 is reported but left out of the steady-state means (first-call costs).
+Ray is started once, declaring at least as many CPUs as the most workers asked for (more workers
+than cores oversubscribe them, which is the point of measuring it); each config then reports its
+own start-up (data, actors, model) apart from Ray's. Round 1 is reported but left out of the
+steady-state means (first-call costs).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -52,16 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "quickstart"])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="+", help="worker counts to compare (1 CPU each); default: each config's own")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     started = time.perf_counter()
-    ray.init(include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=max([os.cpu_count() or 1, *(args.workers or [])]), include_dashboard=False, logging_level="ERROR")
     ray_start = time.perf_counter() - started
+    counts = [[f"worker.count={w}", "worker.num_cpus=1"] for w in args.workers] if args.workers else [[]]
     try:
-        results = [measure(c, args.rounds, args.overrides) for c in args.configs]
+        results = [measure(c, args.rounds, [*workers, *args.overrides]) for c in args.configs for workers in counts]
     finally:
         ray.shutdown()
 

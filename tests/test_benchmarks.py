@@ -1,9 +1,11 @@
 """Benchmarks run as a quick smoke test on tiny sizes; no timing is asserted."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
+import ray
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -32,7 +34,7 @@ def test_dp_step_measures_tiny_with_and_without_dp():
 def test_secagg_benchmark_verifies_its_sums_on_small_sizes(tmp_path):
     out = tmp_path / "secagg.json"
     assert _load("secagg").main(["--clients", "10", "20", "--values", "500", "--dropout", "0.1", "--json", str(out)]) == 0
-    results = __import__("json").loads(out.read_text())["results"]
+    results = json.loads(out.read_text())["results"]
     assert [(r["clients"], r["neighbors"]) for r in results] == [(10, "all"), (10, 4), (20, "all"), (20, 6)]
     assert all(r["verified"] and r["dropped"] == round(0.1 * r["clients"]) for r in results)
 
@@ -42,3 +44,33 @@ def test_overhead_runs_the_same_work_in_both_loops():
     assert result["raysim_s"] > 0 and result["bare_s"] > 0 and result["ratio"] > 0
     assert result["max_adapter_difference"] < 1e-6 < 1e-3 < result["max_adapter_change"]  # same work, and it did something
     assert set(result["round_breakdown_s"]) >= {"aggregation (server call)", "scheduling and serialization (the rest)"}
+
+
+def test_throughput_compares_worker_counts(tmp_path):
+    out = tmp_path / "throughput.json"
+    args = ["--configs", "tiny", "--rounds", "2", "--workers", "1", "2", "--json", str(out), "train.local_steps=1"]
+    ray.shutdown()  # round_time.py starts its own Ray, with as many CPUs as the most workers asked for
+    try:
+        assert _load("round_time").main(args) == 0
+    finally:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    results = json.loads(out.read_text())["results"]
+    assert [r["workers"] for r in results] == [1, 2] and all(r["client_steps_per_s"] > 0 for r in results)
+
+
+def test_scale_reports_memory_per_client(tmp_path):
+    out = tmp_path / "scale.json"
+    assert _load("scale").main(["--clients", "20", "60", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [x["clients"] for x in r["results"]] == [20, 60] and all(x["trained"] == x["clients"] for x in r["results"])
+    assert all(x["peak_bytes"] >= x["steady_bytes"] * 0.5 > 0 for x in r["results"]) and r["bound_per_client"] > 0
+
+
+def test_flower_peer_runs_both_sides_on_a_small_workload(tmp_path):
+    pytest.importorskip("flwr", reason="the Flower peer needs the optional bench extra: pip install -e '.[bench]'")
+    out = tmp_path / "peer.json"
+    assert _load("flower_peer").main(["--clients", "10", "--rounds", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for side in ("raysim", "flower"):
+        assert len(r[side]["round_s"]) == 2 and r[side]["end_to_end_s"] > r[side]["startup_s"] > 0
+        assert r[side]["adapter_norm"] > 0

@@ -1,0 +1,141 @@
+"""Memory and start-up against the number of clients.
+
+    python benchmarks/scale.py --clients 100 1000 5000 --json FILE
+
+For each N: configs/tiny.yaml over all ~30k training tweets (iid, length 64), N clients, one round
+in which *every* client trains one AdamW step, so every client holds its full local state (AdamW
+moments, data order) at the end; no per-round evaluation. Each N runs in a fresh process with its
+own local Ray (2 CPUs, no dashboard), sampled every 0.2 s:
+- peak memory: the sum of the proportional set size (PSS: shared pages, such as the object
+  store's, split among the processes mapping them) of the driver and all its descendants (Ray's
+  GCS, raylet, workers and server actor);
+- steady memory: the same sum after the round;
+- start-up: from Simulation() to ready, Ray's own start (ray.init) reported apart.
+Memory per extra client is the steady memory's slope between the smallest and largest N; it is
+compared with the bound 2 x (adapter + optimizer state) + the client's shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+SETTINGS = [
+    "data.partition=iid",
+    "data.max_rows=0",
+    "data.max_length=64",
+    "train.local_steps=1",
+    "eval.every=1000000",
+    "eval.aggregation_error=false",
+]
+
+
+def tree_pss() -> int:
+    """PSS in bytes of this process and every descendant (Ray's processes included)."""
+    me = psutil.Process()
+    total = 0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def one(clients: int) -> dict:
+    """Runs in its own process: start-up, one round of every client, memory samples."""
+    import ray
+
+    from raysim import Simulation, load_config
+    from raysim.config import CONFIG_DIR
+
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(tree_pss())
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(CONFIG_DIR / "tiny.yaml", [*SETTINGS, f"clients.num={clients}", f"clients.per_round={clients}", f"output_dir={tmp}/run"])
+        ray_started = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray_start_s = time.perf_counter() - ray_started
+        with Simulation(cfg) as sim:
+            row = sim.run_round()
+            steady = tree_pss()
+            adapter_bytes = sim.sent_bytes_per_client
+            shard_rows = sum(sim.client_sizes)
+        ray.shutdown()
+    stop.set()
+    sampler.join()
+    return {
+        "clients": clients,
+        "trained": row["clients"],
+        "ray_start_s": ray_start_s,
+        "startup_s": sim.startup_s,
+        "round_s": row["wall_s"],
+        "peak_bytes": max(samples),
+        "steady_bytes": steady,
+        "adapter_bytes": adapter_bytes,
+        "train_rows": shard_rows,
+        "row_bytes": 4 * cfg.data.max_length + 4 + 8,  # token ids (int32), length, label
+    }
+
+
+def measure(clients: list[int]) -> dict:
+    results = []
+    for n in clients:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "one.json"
+            command = [sys.executable, __file__, "--one", str(n), "--json", str(out)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{n} clients failed:\n{done.stderr[-3000:]}")
+            results.append(json.loads(out.read_text()))
+    low, high = results[0], results[-1]
+    per_client = (high["steady_bytes"] - low["steady_bytes"]) / (high["clients"] - low["clients"]) if len(results) > 1 else float("nan")
+    adapter = high["adapter_bytes"]
+    shard = high["train_rows"] / high["clients"] * high["row_bytes"]
+    # AdamW keeps two moments per trained value: optimizer state = 2 x adapter.
+    bound = 2 * (adapter + 2 * adapter) + shard
+    return {"results": results, "bytes_per_extra_client": per_client, "bound_per_client": bound, "adapter_bytes": adapter, "optimizer_bytes": 2 * adapter}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 5000])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        args.json.write_text(json.dumps(one(args.one)))
+        return 0
+    r = measure(args.clients)
+    mib = 2**20
+    print("every client trains once (one AdamW step), so each holds its full local state; 2 CPUs")
+    print(f"{'clients':>8}{'Ray start s':>12}{'start-up s':>11}{'round s':>9}{'peak MiB':>10}{'steady MiB':>11}")
+    for x in r["results"]:
+        print(f"{x['clients']:>8}{x['ray_start_s']:>12.1f}{x['startup_s']:>11.1f}{x['round_s']:>9.1f}{x['peak_bytes'] / mib:>10.0f}{x['steady_bytes'] / mib:>11.0f}")
+    print(
+        f"memory per extra client {r['bytes_per_extra_client'] / 1024:.1f} KiB; bound 2 x (adapter {r['adapter_bytes'] / 1024:.1f} KiB "
+        f"+ AdamW state {r['optimizer_bytes'] / 1024:.1f} KiB) + shard = {r['bound_per_client'] / 1024:.1f} KiB"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
