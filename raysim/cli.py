@@ -31,7 +31,7 @@ def run(args: list[str], quiet: bool = False) -> int:
     sim = Simulation(cfg)
     try:
         log.info("output_dir: %s", sim.output_dir)
-        sim.run(cfg.rounds, progress=not quiet)
+        sim.run(progress=not quiet)  # up to cfg.rounds, from where a resumed run stopped
         final = sim.evaluate()
         adapter = sim.save_adapter()
         summary = sim.write_summary(final)

@@ -210,10 +210,22 @@ class WorkerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Write a checkpoint every N rounds and after the last one (0 = never): everything needed to
+    # continue with resume=OUTPUT_DIR, which then equals the uninterrupted run.
+    every: int = 0
+    # How many of the newest checkpoints to keep.
+    keep: int = 2
+
+
+@dataclass
 class RaysimConfig:
-    # Empty: runs/<config name>-<timestamp>. An existing non-empty directory is refused unless overwrite.
+    # Empty: runs/<config name>-<timestamp>, or with resume the run being resumed. An existing
+    # non-empty directory is refused unless overwrite (or it is the run being resumed).
     output_dir: str = ""
     overwrite: bool = False
+    # A run directory (its newest checkpoint) or one checkpoint directory to continue from.
+    resume: str = ""
     seed: int = 0
     rounds: int = 20
     method: str = "ffa_lora"
@@ -228,6 +240,7 @@ class RaysimConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -254,7 +267,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
         raise
     except Exception as err:  # YAML syntax errors and the like
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
-    if not cfg.output_dir:
+    if not cfg.output_dir and not cfg.resume:
         cfg.output_dir = f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     validate(cfg)
     return cfg
@@ -267,7 +280,7 @@ def from_dict(values: dict | DictConfig | None = None) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
-    if not cfg.output_dir:
+    if not cfg.output_dir and not cfg.resume:
         cfg.output_dir = f"runs/raysim-{time.strftime('%Y%m%d-%H%M%S')}"
     validate(cfg)
     return cfg
@@ -348,6 +361,8 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(cfg.worker.max_restarts >= 0, "worker.max_restarts", "must be >= 0")
     _check(cfg.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = no checkpoints)")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
 
 
 def _validate_privacy(cfg: DictConfig) -> None:

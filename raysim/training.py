@@ -41,6 +41,41 @@ class ClientState:
     def new(cls, seed: int, client_id: int) -> "ClientState":
         return cls(rng=np.random.default_rng([seed, client_id, 0xC1]))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for a checkpoint: the RNG's exact state, numpy moments, the accountant's history."""
+        return {
+            "rng": self.rng.bit_generator.state,
+            "batches": list(self.batches),
+            "cursor": self.cursor,
+            "optimizer_state": {
+                i: {k: v.detach().cpu().numpy() if torch.is_tensor(v) else v for k, v in moments.items()}
+                for i, moments in self.optimizer_state.items()
+            },
+            "accountant_history": None if self.accountant is None else [tuple(h) for h in self.accountant.history],
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], device: torch.device, make_accountant: Callable[[], Any] | None = None) -> "ClientState":
+        """The inverse of :meth:`to_dict`, with the moments on ``device``; the accountant (if the
+        client had one) made by ``make_accountant`` and given its history back."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = values["rng"]
+        state = cls(rng=rng, batches=list(values["batches"]), cursor=values["cursor"])
+        state.optimizer_state = moments_to(
+            {i: {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in m.items()} for i, m in values["optimizer_state"].items()},
+            device,
+        )
+        if values["accountant_history"] is not None and make_accountant is not None:
+            state.accountant = make_accountant()
+            state.accountant.history = [tuple(h) for h in values["accountant_history"]]
+        return state
+
+
+def moments_to(saved: dict[int, dict], device: torch.device) -> dict[int, dict]:
+    """Optimizer moments moved to ``device``. Scalars (Adam's step count) stay where torch keeps
+    them for a non-capturable optimizer: on the CPU."""
+    return {i: {k: v.to(device) if torch.is_tensor(v) and v.dim() else v for k, v in m.items()} for i, m in saved.items()}
+
 
 def step_seed(seed: int, round_idx: int, client_id: int) -> int:
     """Seed for the torch RNG (dropout) of one client's local steps in one round."""

@@ -48,6 +48,17 @@ class PrivacyBudget:
             else:
                 self.noise_multiplier = solve_noise_multiplier(self.target, self.delta, self.sample_rate, rounds, self.accountant)
 
+    _STATE = ("histories", "client_epsilon", "exhausted", "rounds_noised", "noise", "noise_multiplier")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The spending so far and the noise plan, for a checkpoint. A resumed run keeps the plan
+        it started with, even if its round count changed: the noise is what was promised."""
+        return {k: getattr(self, k) for k in self._STATE if hasattr(self, k)}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        for key, value in saved.items():
+            setattr(self, key, value)
+
     @property
     def enabled(self) -> bool:
         return self.mode != "none"

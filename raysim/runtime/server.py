@@ -65,6 +65,17 @@ class Server:
         self.frozen_a = {k: np.array(v) for k, v in frozen_a.items()}
         self._broadcast_ref = None
 
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue: the global adapter and the server optimizer's momentum."""
+        return {"state": self.state, "momentum_buffer": self.momentum_buffer, "frozen_a": self.frozen_a}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.state = {k: np.array(v) for k, v in saved["state"].items()}
+        self.frozen_a = {k: np.array(v) for k, v in saved["frozen_a"].items()}
+        buffer = saved["momentum_buffer"]
+        self.momentum_buffer = None if buffer is None else {k: np.array(v) for k, v in buffer.items()}
+        self._broadcast_ref = None
+
     def sample(self, round_idx: int, per_round: int, excluded: list[int] | tuple = ()) -> list[int]:
         """Clients for this round, drawn from (seed, round) alone: ``per_round`` of the clients not
         ``excluded`` without replacement, or under central DP each client with probability q."""

@@ -27,11 +27,12 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from raysim.checkpoint import check_resumable, find_checkpoint, read_checkpoint, write_checkpoint
 from raysim.config import ConfigError, UserError, from_dict, load_config, to_yaml
 from raysim.data.prepare import DataPlan, plan_data, split_for_workers, tokenize_plan
 from raysim.model import check_model, load_tokenizer
 from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
-from raysim.runtime.placement import assign_clients, balance
+from raysim.runtime.placement import assign_clients, balance, workers_that_fit
 from raysim.runtime.server import Server
 from raysim.runtime.worker import ClientWorker
 from raysim.secagg.encoding import ring_bits
@@ -42,9 +43,10 @@ log = logging.getLogger("raysim")
 _TRAIN_KEYS = ("lr", "lr_decay", "local_steps", "batch_size", "weighting")
 
 
-def _check_output_dir(cfg: DictConfig) -> Path:
+def _check_output_dir(cfg: DictConfig, resumed_run: Path | None) -> Path:
     out = Path(cfg.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+    continuing = resumed_run is not None and out.resolve() == resumed_run.resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite and not continuing:
         raise UserError(f"output_dir: '{out}' already exists and is not empty; choose another or pass overwrite=true")
     return out
 
@@ -67,10 +69,13 @@ class Simulation:
         if isinstance(cfg, (str, os.PathLike)):
             cfg = load_config(cfg)
         self.cfg = cfg if isinstance(cfg, DictConfig) else from_dict(cfg)
-        self.output_dir = _check_output_dir(self.cfg)
+        saved = self._read_resume()
+        self.output_dir = _check_output_dir(self.cfg, self.resumed_from and _run_dir_of(self.resumed_from))
         self.round = 0
         self._rows: list[dict[str, Any]] = []
         self._owns_ray = False
+        self._checkpointed_round = -1
+        self._tensorboard = None
 
         # Everything a user can get wrong in the model or data fails here, before any output. The
         # checks run while Ray starts (its start is mostly waiting on its own processes).
@@ -83,6 +88,8 @@ class Simulation:
             except UserError:
                 self.shutdown()
                 raise
+        if saved:
+            self.budget.load_state_dict(saved["budget"])
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
@@ -94,6 +101,7 @@ class Simulation:
                 num_gpus=self.cfg.worker.num_gpus,
                 max_restarts=self.cfg.worker.max_restarts,
                 max_task_retries=0,
+                scheduling_strategy="SPREAD",  # over all nodes of a cluster, not packed onto the first
             ).remote(resolved, w, len(self.label_names))
             for w in range(num_workers)
         ]
@@ -118,6 +126,14 @@ class Simulation:
         data = tokenize_plan(plan, tokenizer, self.cfg.data.max_length)
         # Each client's owner: the worker holding its local state (see raysim.runtime.placement).
         self.client_worker = {c: w for w, group in enumerate(assign_clients(self.client_sizes, num_workers)) for c in group}
+        if saved and saved["workers"] == num_workers:
+            self.client_worker = dict(saved["owners"])
+        elif saved:
+            log.warning(
+                "resume: %d workers now, %d in the checkpoint; clients get new owners, so sums add up in another order (results equal up to float rounding)",
+                num_workers,
+                saved["workers"],
+            )
         eval_lengths = data.eval_full.column("length").to_numpy()
         full_parts = split_for_workers(np.arange(data.eval_full.num_rows), eval_lengths, num_workers)
         subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
@@ -137,6 +153,8 @@ class Simulation:
             raise _user_error_in(err) or err
         devices = sorted({r["device"] for r in ready})
         ray.get(self.server.initialize.remote(initial, frozen_a))
+        if saved:
+            self._restore(saved)
         self.sent_bytes_per_client = int(sum(v.nbytes for v in initial.values()))
         self.sent_values_per_client = int(sum(v.size for v in initial.values()))
         self.startup_s = time.perf_counter() - started
@@ -163,6 +181,54 @@ class Simulation:
                 secagg["ring_bits"],
                 f", {s.dropout_rate:.0%} of clients drop mid-protocol" if s.dropout_rate else "",
             )
+
+    def _read_resume(self) -> dict[str, Any] | None:
+        """With ``resume``: the checkpoint, checked against this config before anything starts;
+        output goes on in the resumed run's directory unless output_dir names another."""
+        self.resumed_from = None
+        if not self.cfg.resume:
+            return None
+        self.resumed_from = find_checkpoint(self.cfg.resume)
+        saved = read_checkpoint(self.resumed_from)
+        check_resumable(saved["config"], self.cfg)
+        if not self.cfg.output_dir:
+            self.cfg.output_dir = str(_run_dir_of(self.resumed_from))
+        return saved
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        """Put a checkpoint's state back: server, every client's local state on its owner, the
+        metrics so far. The privacy budget was restored before the workers were loaded."""
+        ray.get(self.server.load_state_dict.remote(saved["server"]))
+        by_owner: dict[int, dict] = {}
+        for cid, values in saved["clients"].items():
+            by_owner.setdefault(self.client_worker[cid], {})[cid] = values
+        ray.get([self.workers[w].import_states.remote(states) for w, states in by_owner.items()])
+        self.round = self._checkpointed_round = saved["round"]
+        self._rows = list(saved["rows"])
+        self._write_metrics()
+        log.info("resumed from %s at round %d", self.resumed_from, self.round)
+
+    def save_checkpoint(self) -> Path:
+        """Write everything needed to continue this run (see raysim.checkpoint); returns its directory."""
+        clients: dict[int, dict] = {}
+        for w, worker in enumerate(self.workers):
+            try:
+                clients.update(ray.get(worker.export_states.remote()))
+            except RayActorError:
+                log.warning("checkpoint: worker %d is unavailable; its clients' local state starts over on resume", w)
+        state = {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "server": ray.get(self.server.state_dict.remote()),
+            "clients": clients,
+            "owners": dict(self.client_worker),
+            "workers": len(self.workers),
+            "budget": self.budget.state_dict(),
+            "rows": self._rows,
+        }
+        path = write_checkpoint(self.output_dir, self.round, state, to_yaml(self.cfg), self.cfg.checkpoint.keep)
+        self._checkpointed_round = self.round
+        log.info("checkpoint of round %d: %s", self.round, path)
+        return path
 
     def _check_inputs(self) -> tuple[Any, DataPlan]:
         """Load the tokenizer, plan the data, build the model's skeleton and plan the privacy
@@ -210,7 +276,8 @@ class Simulation:
     def _init_ray(self) -> None:
         if ray.is_initialized():
             return
-        address = self.cfg.ray.address or None
+        # Under `ray job submit` (or with RAY_ADDRESS set) the job's cluster is the one to join.
+        address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
         if address is None:
             kwargs["include_dashboard"] = bool(self.cfg.ray.dashboard)
@@ -251,9 +318,7 @@ class Simulation:
         if w.num_gpus > 0 and gpus == 0:
             log.warning("worker.num_gpus=%g but the Ray cluster has no GPU: running on CPU", w.num_gpus)
             w.num_gpus = 0.0
-        fits = int(cpus // w.num_cpus)
-        if w.num_gpus > 0:
-            fits = min(fits, int(gpus // w.num_gpus))
+        fits = workers_that_fit([n["Resources"] for n in ray.nodes() if n["Alive"]], w.num_cpus, w.num_gpus)
         if w.count == "auto":
             return max(1, fits)
         if w.count > fits:
@@ -344,6 +409,9 @@ class Simulation:
         self.round = round_idx
         self._rows.append(row)
         self._write_metrics()
+        self._write_tensorboard(row)
+        if cfg.checkpoint.every and round_idx % cfg.checkpoint.every == 0:
+            self.save_checkpoint()
         return row
 
     def _place(self, round_idx: int, sampled: list[int]) -> tuple[dict[int, list[int]], dict[int, dict]]:
@@ -440,10 +508,11 @@ class Simulation:
         }
 
     def run(self, rounds: int | None = None, progress: bool = True) -> pa.Table:
-        """Run ``rounds`` more rounds (default: the configured number), printing one line per round."""
+        """Run ``rounds`` more rounds (default: up to the configured number), printing one line per
+        round; with checkpoint.every, the last round is checkpointed too."""
         from tqdm.auto import tqdm
 
-        rounds = self.cfg.rounds if rounds is None else rounds
+        rounds = max(0, self.cfg.rounds - self.round) if rounds is None else rounds
         target = self.round + rounds
         bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, leave=False)
         for _ in range(rounds):
@@ -460,6 +529,8 @@ class Simulation:
             else:
                 log.info(line)
         bar.close()
+        if self.cfg.checkpoint.every and self._checkpointed_round != self.round:
+            self.save_checkpoint()
         return self.metrics
 
     def _evaluate(self, split: str) -> dict[str, float]:
@@ -494,6 +565,23 @@ class Simulation:
         if self.budget.mode == "local_dp_sgd":
             clients = self.client_privacy()
             _write_atomic(self.output_dir / "privacy.parquet", lambda p: pq.write_table(clients, p))
+
+    def _write_tensorboard(self, row: dict[str, Any]) -> None:
+        """The round's numbers as TensorBoard scalars in output_dir/tensorboard, when tensorboard is
+        installed. A resumed run first purges the events of rounds it is about to redo."""
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tensorboard = False
+            else:
+                self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=row["round"])
+                log.info("TensorBoard: tensorboard --logdir %s", self.output_dir / "tensorboard")
+        if self._tensorboard:
+            for key, value in row.items():
+                if key != "round" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, row["round"])
+            self._tensorboard.flush()
 
     def global_adapter(self) -> dict[str, np.ndarray]:
         return ray.get(self.server.global_state.remote())
@@ -536,6 +624,9 @@ class Simulation:
 
     def shutdown(self) -> None:
         """Stop this simulation's actors, and Ray itself if this simulation started it."""
+        if self._tensorboard:
+            self._tensorboard.close()
+            self._tensorboard = None
         if not ray.is_initialized():
             return
         for actor in [*getattr(self, "workers", []), getattr(self, "server", None)]:
@@ -552,6 +643,11 @@ class Simulation:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to (OUTPUT_DIR/checkpoints/round-N)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 def _user_error_in(err: Exception) -> UserError | None:

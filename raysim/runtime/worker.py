@@ -33,6 +33,7 @@ from raysim.training import (
     load_adapter,
     local_train,
     make_optimizer,
+    moments_to,
     saved_optimizer_state,
     shuffled_batches,
     step_seed,
@@ -51,10 +52,6 @@ def actor_device() -> torch.device:
 
 def _as_client_data(table: pa.Table) -> ClientData:
     return ClientData(*from_arrow(table))
-
-
-def _moments_to(saved: dict[int, dict], device: torch.device) -> dict[int, dict]:
-    return {i: {k: v.to(device) if torch.is_tensor(v) else v for k, v in m.items()} for i, m in saved.items()}
 
 
 @ray.remote
@@ -146,9 +143,26 @@ class ClientWorker:
         for cid in client_ids:
             state = self._state(cid)
             del self.states[cid]
-            state.optimizer_state = _moments_to(state.optimizer_state, torch.device("cpu"))
+            state.optimizer_state = moments_to(state.optimizer_state, torch.device("cpu"))
             out[cid] = state
         return out
+
+    def export_states(self) -> dict[int, dict]:
+        """Every local client state this worker holds, as plain values (for a checkpoint)."""
+        return {cid: state.to_dict() for cid, state in self.states.items()}
+
+    def import_states(self, states: dict[int, dict]) -> int:
+        """Take clients' local states from a checkpoint (after :meth:`load`)."""
+        make_accountant = None
+        if self.dp:
+            from opacus.accountants import create_accountant
+
+            def make_accountant():
+                return create_accountant(mechanism=self.privacy.accountant)
+
+        for cid, values in states.items():
+            self.states[cid] = ClientState.from_dict(values, self.device, make_accountant)
+        return len(states)
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "clients": len(self.offsets) - 1}
@@ -186,7 +200,7 @@ class ClientWorker:
         sending are not trained."""
         start = time.perf_counter()
         for cid, state in (arrivals or {}).items():
-            state.optimizer_state = _moments_to(state.optimizer_state, self.device)
+            state.optimizer_state = moments_to(state.optimizer_state, self.device)
             self.states[cid] = state
         train_cfg = OmegaConf.create(train)
         optimizer = self.dp.optimizer if self.dp else self.optimizer
