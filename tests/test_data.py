@@ -206,3 +206,15 @@ def test_dirichlet_gives_every_client_examples_even_when_draws_leave_some_empty(
 
     assert distance(parts) > 1.5 * distance(part.iid(labels, 1000, 1))
     assert distance(parts) > 3 * distance(part.dirichlet(labels, 1000, 100.0, seed=1))
+
+
+def test_workers_that_fit_count_per_node_and_per_gpu():
+    from raysim.runtime.placement import workers_that_fit
+
+    cpu_head, gpu_node = {"CPU": 8.0}, {"CPU": 16.0, "GPU": 4.0}
+    assert workers_that_fit([cpu_head, gpu_node], 1, 0) == 24
+    assert workers_that_fit([{"CPU": 3.0}, {"CPU": 3.0}], 2, 0) == 2  # not 6 // 2 = 3
+    assert workers_that_fit([cpu_head, gpu_node], 1, 0.5) == 8  # the CPU-only head takes none
+    assert workers_that_fit([{"CPU": 64.0, "GPU": 3.0}], 1, 0.4) == 6  # 2 per GPU, not 3 / 0.4 = 7
+    assert workers_that_fit([gpu_node, {"CPU": 16.0, "GPU": 1.0}], 1, 2) == 2
+    assert workers_that_fit([{"CPU": 2.0, "GPU": 4.0}], 1, 0.25) == 2  # CPUs bind first

@@ -46,3 +46,18 @@ def balance(sampled: list[int], owner: dict[int, int], num_workers: int) -> tupl
             placed[w].append(cid)
             moves.append((cid, source, w))
     return {w: sorted(ids) for w, ids in placed.items() if ids}, moves
+
+
+def workers_that_fit(nodes: list[dict[str, float]], num_cpus: float, num_gpus: float) -> int:
+    """How many workers of (num_cpus, num_gpus) the nodes' resources hold. Per node, not over the
+    cluster's total: 3 CPUs on each of two nodes hold two 2-CPU workers, not three. A fractional
+    GPU share cannot straddle two GPUs, so a GPU holds floor(1 / num_gpus) workers; more than one
+    GPU per worker must be whole GPUs of one node."""
+    total = 0
+    for node in nodes:
+        fits = int(node.get("CPU", 0) // num_cpus)
+        if num_gpus > 0:
+            gpus = int(node.get("GPU", 0))
+            fits = min(fits, gpus * int(1 // num_gpus) if num_gpus <= 1 else gpus // int(num_gpus))
+        total += fits
+    return total
