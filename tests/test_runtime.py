@@ -116,6 +116,10 @@ def test_a_worker_killed_mid_round_drops_its_clients_not_the_run(tmp_path):
         sim.set_train(local_steps=2)
         after = sim.run_round()
         assert after["clients"] == 10 and after["dropped"] == 0  # restarted by Ray, data handed again
+        sim.set_clients(per_round=3)
+        assert sim.run_round()["clients"] == 3
+        with pytest.raises(UserError, match="clients.per_round: 11 is not between 1 and clients.num"):
+            sim.set_clients(per_round=11)
         assert ray.get(sim.workers[0].ready.remote())["pid"] != result["killed_pid"]
 
 

@@ -3,6 +3,8 @@
     sim = raysim.Simulation(cfg)     # data prepared once, actors started, model resident
     sim.run_round()                  # one federated round; returns its metrics row
     sim.run(rounds)                  # several, with a progress bar
+    sim.set_train(lr=1e-4)           # between rounds; sim.set_clients(per_round=8) likewise
+    sim.save_checkpoint()            # resume with Simulation(cfg with resume=output_dir)
     sim.metrics                      # pyarrow Table, one row per round
     sim.evaluate()                   # global adapter on the whole evaluation split
     sim.save_adapter(path)           # loadable with peft.PeftModel.from_pretrained
@@ -335,6 +337,17 @@ class Simulation:
             if key not in _TRAIN_KEYS:
                 raise UserError(f"train.{key}: cannot be changed between rounds (changeable: {', '.join(_TRAIN_KEYS)})")
             self.cfg.train[key] = value
+
+    def set_clients(self, per_round: int) -> None:
+        """Change how many clients are sampled from the next round on, e.g. ``sim.set_clients(per_round=8)``."""
+        cfg = self.cfg
+        if not 1 <= per_round <= cfg.clients.num:
+            raise UserError(f"clients.per_round: {per_round} is not between 1 and clients.num ({cfg.clients.num})")
+        if self.budget.mode == "central_dp":
+            raise UserError("clients.per_round: under central_dp the sampling rate is part of the privacy plan and cannot change")
+        if self.secure and per_round < 3:
+            raise UserError("clients.per_round: secure aggregation needs at least 3 clients per round")
+        cfg.clients.per_round = per_round
 
     def run_round(self) -> dict[str, Any]:
         """One round: sample, broadcast, train on the workers in parallel, aggregate, evaluate.
