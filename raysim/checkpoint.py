@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from raysim.config import ConfigError, UserError
+from raysim.config import ConfigError, UserError, flatten
 
 FORMAT = 1
 STATE_FILE = "state.pkl"
@@ -116,18 +116,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(values, dict):
-        out: dict[str, Any] = {}
-        for key, value in values.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: values}
-
-
 def check_resumable(saved: dict, cfg: DictConfig) -> None:
     """ConfigError naming the first key that defines the run and differs from the checkpoint's."""
-    before, now = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    before, now = flatten(saved), flatten(OmegaConf.to_container(cfg, resolve=True))
     for key in sorted(set(before) | set(now)):
         if any(key == c or key.startswith(f"{c}.") for c in CHANGEABLE_ON_RESUME):
             continue

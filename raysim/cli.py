@@ -1,4 +1,5 @@
-"""Command line: ``raysim run [CONFIG.yaml] [key=value ...]``."""
+"""Command line: ``raysim run [CONFIG.yaml] [key=value ...]``,
+``raysim submit CONFIG.yaml [key=value ...] --address URL`` and ``raysim report RUN_DIR... --out DIR``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,23 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a simulation", description="Run a simulation from a YAML config plus key=value overrides.")
     run.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]", help=f"config file (default: {DEFAULT_CONFIG.name}) and overrides")
     run.add_argument("--quiet", action="store_true", help="no progress bar; log lines only")
+    submit = sub.add_parser(
+        "submit",
+        help="run a simulation as a job on a Ray cluster",
+        description="Check the config here, then run `raysim run CONFIG key=value ...` as a Ray job with this directory uploaded, streaming its logs.",
+    )
+    submit.add_argument("config", metavar="CONFIG.yaml", help="config file, inside the working directory")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as for raysim run")
+    submit.add_argument("--address", help="the cluster's job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
+    submit.add_argument("--working-dir", default=".", help="directory uploaded to the job; the job runs there (default: .)")
+    submit.add_argument("--no-wait", action="store_true", help="only submit, and print the job id")
+    report = sub.add_parser(
+        "report",
+        help="compare runs over seeds: a markdown table and plots",
+        description="Group runs (directories raysim run wrote, or directories holding them) into settings that differ only in seed; write OUT/report.md and PNG plots.",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding runs")
+    report.add_argument("--out", required=True, metavar="DIR", help="where report.md and the plots go")
     return parser
 
 
@@ -57,6 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if parsed.command == "run":
             return run(parsed.args, parsed.quiet)
+        if parsed.command == "submit":
+            from raysim.runtime.submit import default_address, submit
+
+            address = parsed.address or default_address()
+            return submit(parsed.config, parsed.overrides, address, parsed.working_dir, wait=not parsed.no_wait)
+        if parsed.command == "report":
+            from raysim.report import report
+
+            log.info("report: %s", report(parsed.runs, parsed.out))
+            return 0
     except UserError as err:
         print(f"raysim: error: {err}", file=sys.stderr)
         return 2

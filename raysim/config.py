@@ -416,5 +416,15 @@ def _validate_secagg(cfg: DictConfig) -> None:
     )
 
 
+def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config values as dotted keys: {"lora": {"rank": 8}} -> {"lora.rank": 8}."""
+    if isinstance(values, dict):
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: values}
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)

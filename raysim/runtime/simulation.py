@@ -75,7 +75,7 @@ class Simulation:
         self.output_dir = _check_output_dir(self.cfg, self.resumed_from and _run_dir_of(self.resumed_from))
         self.round = 0
         self._rows: list[dict[str, Any]] = []
-        self._owns_ray = False
+        self._owns_ray = self._started_ray = False
         self._checkpointed_round = -1
         self._tensorboard = None
 
@@ -290,6 +290,7 @@ class Simulation:
         except ConnectionError as err:
             raise UserError(f"ray.address: cannot connect to '{address}': {str(err).splitlines()[0]}") from None
         self._owns_ray = True
+        self._started_ray = address is None
         dashboard = getattr(info, "dashboard_url", None)
         if dashboard:
             log.info("Ray dashboard: http://%s", dashboard)
@@ -326,7 +327,7 @@ class Simulation:
         if w.count > fits:
             need = f"{w.count} workers x {w.num_cpus:g} CPU" + (f" x {w.num_gpus:g} GPU" if w.num_gpus else "")
             message = f"worker.count: {need} do not fit the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs)"
-            if self._owns_ray:
+            if self._started_ray:  # a cluster may still grow (autoscaling); a Ray started here will not
                 raise UserError(message)
             log.warning("%s; some workers wait until the cluster grows", message)
         return int(w.count)

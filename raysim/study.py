@@ -1,0 +1,144 @@
+"""``python -m raysim.study STUDY.yaml``: a grid of runs, resumable cell by cell.
+
+A study file names a base config, settings shared by every cell, and axes. Each axis maps a
+value's name to overrides (a bare value sets the axis' own key); the cells are the axes'
+cartesian product, each run with ``raysim run``'s code into ``OUTPUT/<axis=value,...>``:
+
+    base: ../quickstart.yaml          # relative to the study file
+    output_dir: studies/ffa_vs_lora
+    settings: {rounds: 20, data.max_length: 32, checkpoint.every: 5}
+    axes:
+      method:
+        lora: {method: lora, train.lr: 2.0e-3}
+        ffa_lora: {method: ffa_lora, train.lr: 5.0e-3}
+      seed: [0, 1, 2]
+
+A cell whose summary.json exists is done and skipped; one with a checkpoint resumes from it; any
+other is started afresh. All cells share one Ray instance. ``--list`` prints the cells and their
+state without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from raysim.checkpoint import find_checkpoint
+from raysim.config import UserError, load_config
+
+log = logging.getLogger("raysim")
+
+
+@dataclass
+class Cell:
+    name: str  # "method=lora,seed=0", also its directory's name
+    overrides: list[str]
+
+
+def _overrides(values: dict[str, Any]) -> list[str]:
+    """key=value strings for load_config; JSON is YAML's flow style, so lists and nulls survive."""
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in values.items()]
+
+
+def load_study(path: str | Path) -> tuple[Path, Path, list[Cell]]:
+    """(base config path, output directory, cells) of a study file; UserError naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file not found: {path}")
+    try:
+        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as err:
+        raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
+    unknown = set(spec) - {"base", "output_dir", "settings", "axes"}
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: base, output_dir, settings, axes)")
+    for key in ("base", "output_dir", "axes"):
+        if not spec.get(key):
+            raise UserError(f"{path}: '{key}' is missing")
+    base = (path.parent / spec["base"]).resolve()
+    if not base.is_file():
+        raise UserError(f"{path}: base: config file not found: {base}")
+    shared = _overrides(spec.get("settings") or {})
+    axes: list[list[tuple[str, list[str]]]] = []
+    for axis, values in spec["axes"].items():
+        if isinstance(values, list):
+            axes.append([(f"{axis}={v}", _overrides({axis: v})) for v in values])
+        elif isinstance(values, dict) and all(isinstance(v, dict) for v in values.values()):
+            axes.append([(f"{axis}={name}", _overrides(v)) for name, v in values.items()])
+        else:
+            raise UserError(f"{path}: axes.{axis}: give a list of values, or named values each mapping keys to values")
+    cells = [
+        Cell(",".join(name for name, _ in combo), [*shared, *(o for _, overrides in combo for o in overrides)])
+        for combo in itertools.product(*axes)
+    ]
+    return base, Path(spec["output_dir"]), cells
+
+
+def cell_state(run_dir: Path) -> str:
+    if (run_dir / "summary.json").is_file():
+        return "done"
+    try:
+        find_checkpoint(run_dir)
+        return "resumable"
+    except UserError:
+        return "to do"
+
+
+def run_cell(base: Path, run_dir: Path, cell: Cell) -> None:
+    """One cell, as ``raysim run`` would, without the adapter files (a study keeps numbers only)."""
+    from raysim.runtime.simulation import Simulation
+
+    state = cell_state(run_dir)
+    where = [f"resume={run_dir}"] if state == "resumable" else [f"output_dir={run_dir}", "overwrite=true"]
+    cfg = load_config(base, [*cell.overrides, *where])
+    with Simulation(cfg) as sim:
+        sim.run(progress=False)
+        sim.write_summary(sim.evaluate())
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(prog="python -m raysim.study", description="Run a grid of raysim runs, skipping finished cells.")
+    parser.add_argument("study", help="study file (YAML)")
+    parser.add_argument("--list", action="store_true", help="print the cells and their state, run nothing")
+    parser.add_argument("--output-dir", help="override the study's output_dir")
+    args = parser.parse_args(argv)
+    try:
+        base, out, cells = load_study(args.study)
+        out = Path(args.output_dir) if args.output_dir else out
+        for cell in cells:  # every cell's config is checked before the first one runs
+            load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])
+        if args.list:
+            for cell in cells:
+                print(f"{cell_state(out / cell.name):9}  {cell.name}")
+            return 0
+        todo = [c for c in cells if cell_state(out / c.name) != "done"]
+        log.info("study %s: %d cells, %d done, %d to run, into %s", args.study, len(cells), len(cells) - len(todo), len(todo), out)
+        import ray
+
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            for i, cell in enumerate(todo, 1):
+                log.info("cell %d/%d: %s", i, len(todo), cell.name)
+                run_cell(base, out / cell.name, cell)
+        finally:
+            ray.shutdown()
+    except UserError as err:
+        print(f"raysim.study: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raysim.study: interrupted; run the same command to go on from the finished cells", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""raysim report (tables and plots over seeds) and raysim.study (grids, resumable by cell)."""
+
+import json
+import statistics
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from omegaconf import OmegaConf
+
+from raysim import report, study
+from raysim.cli import main
+from raysim.config import CONFIG_DIR, UserError
+
+
+def _fake_run(path, method, seed, accuracies, epsilon=None, uplink=1000):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(OmegaConf.to_yaml({"method": method, "seed": seed, "output_dir": str(path), "eval": {"split": "test"}}))
+    rows = [
+        {"round": r + 1, "eval_accuracy": a, "train_loss": 1.0 - a, "uplink_bytes": uplink, "epsilon": epsilon if epsilon is not None else float("inf")}
+        for r, a in enumerate(accuracies)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path / "metrics.parquet")
+    privacy = {"mode": "none"} if epsilon is None else {"mode": "local_dp_sgd", "epsilon": epsilon}
+    (path / "summary.json").write_text(json.dumps({"final_eval_accuracy": accuracies[-1] + 0.01, "privacy": privacy}))
+
+
+def test_report_groups_seeds_into_settings_with_mean_and_std(tmp_path):
+    finals = {"lora": [0.50, 0.60, 0.55], "ffa_lora": [0.70, 0.72, 0.74]}
+    for method, accs in finals.items():
+        for seed, acc in enumerate(accs):
+            _fake_run(tmp_path / "study" / f"{method}-{seed}", method, seed, [0.4, acc], epsilon=2.5 + seed)
+    out = report.report([tmp_path / "study"], tmp_path / "report")
+    text = out.read_text()
+    for method, accs in finals.items():
+        finals_plus = [a + 0.01 for a in accs]  # summary.json's final evaluation, not the last round's
+        mean, std = statistics.fmean(finals_plus), statistics.stdev(finals_plus)
+        line = next(line for line in text.splitlines() if line.startswith(f"| method={method} |"))
+        assert f"{mean:.4f} ± {std:.4f}" in line and "| 3 |" in line
+        assert "3.50 ± 1.00" in line  # epsilon 2.5, 3.5, 4.5
+        assert "0.00 ± 0.00" in line  # uplink: 2 rounds x 1000 bytes = 0.002 MB
+    for name in ("accuracy.png", "train_loss.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_names_a_directory_without_runs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: holds no run"):
+        report.report([tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(UserError, match="no such directory"):
+        report.report([tmp_path / "missing"], tmp_path / "out")
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+
+
+def _study_file(tmp_path, axes, **extra):
+    spec = {"base": str(CONFIG_DIR / "tiny.yaml"), "output_dir": str(tmp_path / "out"), "axes": axes, **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(OmegaConf.to_yaml(spec))
+    return path
+
+
+def test_study_cells_are_the_product_of_the_axes(tmp_path):
+    path = _study_file(
+        tmp_path,
+        {
+            "method": {"lora": {"method": "lora", "train.lr": 0.002}, "ffa_lora": {"method": "ffa_lora"}},
+            "data": {"skew": {"data.partition": "label_proportions", "clients.num": 3, "clients.per_round": 3, "data.label_proportions": [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9]]}},
+            "seed": [0, 1, 2],
+        },
+        settings={"rounds": 2},
+    )
+    base, out, cells = study.load_study(path)
+    assert base == CONFIG_DIR / "tiny.yaml" and out == tmp_path / "out" and len(cells) == 6
+    assert cells[0].name == "method=lora,data=skew,seed=0"
+    cfg = study.load_config(base, [*cells[0].overrides, f"output_dir={tmp_path}/x"])
+    assert cfg.method == "lora" and cfg.train.lr == 0.002 and cfg.seed == 0 and cfg.rounds == 2
+    assert cfg.data.label_proportions[1] == [0.05, 0.9, 0.05]
+
+
+def test_a_study_with_a_bad_key_stops_before_running_anything(tmp_path, capsys):
+    path = _study_file(tmp_path, {"seed": [0, 1]}, settings={"lora.rankk": 4})
+    assert study.main([str(path)]) == 2
+    assert "lora.rankk" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert study.main([str(_study_file(tmp_path, {"seed": 3}))]) == 2
+
+
+def test_a_study_skips_finished_cells(tmp_path, capsys):
+    import ray
+
+    path = _study_file(tmp_path, {"seed": [0, 1]}, settings={"rounds": 1, "train.local_steps": 1, "eval.max_examples": 20, "checkpoint.every": 1})
+    ray_was_up = ray.is_initialized()
+    if ray_was_up:  # the study starts its own Ray, as its command line does
+        ray.shutdown()
+    try:
+        assert study.main([str(path)]) == 0
+        summaries = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/summary.json")}
+        assert len(summaries) == 2
+        (tmp_path / "out" / "seed=1" / "summary.json").unlink()  # as if interrupted after its checkpoint
+        assert study.main([str(path), "--list"]) == 0
+        assert capsys.readouterr().out.split() == ["done", "seed=0", "resumable", "seed=1"]
+        assert study.main([str(path)]) == 0
+    finally:
+        if ray_was_up:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    assert (tmp_path / "out" / "seed=0" / "summary.json").stat().st_mtime_ns == summaries[tmp_path / "out" / "seed=0" / "summary.json"]
+    assert (tmp_path / "out" / "seed=1" / "summary.json").is_file()
+    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
+    assert "| all runs | 2 | 1 |" in (tmp_path / "report" / "report.md").read_text()
