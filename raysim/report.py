@@ -156,7 +156,12 @@ def plot(groups: dict[str, list[Run]], path: Path, metric: str = "eval_accuracy"
 def report(paths: list[str | Path], out: str | Path) -> Path:
     """Write OUT/report.md (the table) and OUT/accuracy.png, OUT/train_loss.png; returns report.md."""
     out = Path(out)
-    runs = [load_run(p) for p in find_runs(paths)]
+    found = [load_run(p) for p in find_runs(paths)]
+    # A run without summary.json has not finished (or is still running): shown apart, not averaged.
+    runs = [r for r in found if r.summary]
+    unfinished = [r for r in found if not r.summary]
+    if not runs:
+        raise UserError(f"no finished run (one with summary.json) among {len(found)} found")
     groups = settings(runs)
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot(groups, out / "accuracy.png", "eval_accuracy"), plot(groups, out / "train_loss.png", "train_loss")]
@@ -172,6 +177,7 @@ def report(paths: list[str | Path], out: str | Path) -> Path:
         "",
         *(f"- {name}: {', '.join(str(r.path) for r in group)}" for name, group in groups.items()),
         "",
+        *([f"Not finished, left out: {', '.join(f'{r.path} ({len(r.rows)} rounds)' for r in unfinished)}", ""] if unfinished else []),
     ]
     path = out / "report.md"
     path.write_text("\n".join(text))

@@ -30,8 +30,11 @@ def test_report_groups_seeds_into_settings_with_mean_and_std(tmp_path):
     for method, accs in finals.items():
         for seed, acc in enumerate(accs):
             _fake_run(tmp_path / "study" / f"{method}-{seed}", method, seed, [0.4, acc], epsilon=2.5 + seed)
+    _fake_run(tmp_path / "study" / "running", "lora", 3, [0.1])
+    (tmp_path / "study" / "running" / "summary.json").unlink()  # not finished: must not count
     out = report.report([tmp_path / "study"], tmp_path / "report")
     text = out.read_text()
+    assert "Not finished, left out:" in text and "running (1 rounds)" in text
     for method, accs in finals.items():
         finals_plus = [a + 0.01 for a in accs]  # summary.json's final evaluation, not the last round's
         mean, std = statistics.fmean(finals_plus), statistics.stdev(finals_plus)
