@@ -294,6 +294,8 @@ class Simulation:
         dashboard = getattr(info, "dashboard_url", None)
         if dashboard:
             log.info("Ray dashboard: http://%s", dashboard)
+        elif address is None:
+            log.info("Ray dashboard: off (ray.dashboard=true starts it)")
 
     def _reload(self, w: int, timeout_s: float = 300.0) -> None:
         """After a worker died: wait until Ray has restarted it, then hand it its data again. Its
