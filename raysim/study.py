@@ -12,6 +12,8 @@ cartesian product, each run with ``raysim run``'s code into ``OUTPUT/<axis=value
         lora: {method: lora, train.lr: 2.0e-3}
         ffa_lora: {method: ffa_lora, train.lr: 5.0e-3}
       seed: [0, 1, 2]
+    where:                            # optional: overrides for the cells that match
+      - {match: {method: lora, privacy: [eps6, eps3, eps1]}, set: {train.lr: 2.0e-2}}
 
 A cell whose summary.json exists is done and skipped; one with a checkpoint resumes from it; any
 other is started afresh. All cells share one Ray instance. ``--list`` prints the cells and their
@@ -57,9 +59,9 @@ def load_study(path: str | Path) -> tuple[Path, Path, list[Cell]]:
         spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as err:
         raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
-    unknown = set(spec) - {"base", "output_dir", "settings", "axes"}
+    unknown = set(spec) - {"base", "output_dir", "settings", "axes", "where"}
     if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: base, output_dir, settings, axes)")
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: base, output_dir, settings, axes, where)")
     for key in ("base", "output_dir", "axes"):
         if not spec.get(key):
             raise UserError(f"{path}: '{key}' is missing")
@@ -67,19 +69,37 @@ def load_study(path: str | Path) -> tuple[Path, Path, list[Cell]]:
     if not base.is_file():
         raise UserError(f"{path}: base: config file not found: {base}")
     shared = _overrides(spec.get("settings") or {})
-    axes: list[list[tuple[str, list[str]]]] = []
+    axes: list[list[tuple[str, str, list[str]]]] = []  # per axis: (axis, value name, overrides)
     for axis, values in spec["axes"].items():
         if isinstance(values, list):
-            axes.append([(f"{axis}={v}", _overrides({axis: v})) for v in values])
+            axes.append([(axis, str(v), _overrides({axis: v})) for v in values])
         elif isinstance(values, dict) and all(isinstance(v, dict) for v in values.values()):
-            axes.append([(f"{axis}={name}", _overrides(v)) for name, v in values.items()])
+            axes.append([(axis, str(name), _overrides(v)) for name, v in values.items()])
         else:
             raise UserError(f"{path}: axes.{axis}: give a list of values, or named values each mapping keys to values")
-    cells = [
-        Cell(",".join(name for name, _ in combo), [*shared, *(o for _, overrides in combo for o in overrides)])
-        for combo in itertools.product(*axes)
-    ]
+    rules = _rules(path, spec.get("where") or [], {a[0][0]: {name for _, name, _ in a} for a in axes})
+    cells = []
+    for combo in itertools.product(*axes):
+        chosen = {axis: name for axis, name, _ in combo}
+        matched = [o for match, overrides in rules if all(chosen[a] in names for a, names in match.items()) for o in overrides]
+        cells.append(Cell(",".join(f"{a}={n}" for a, n in chosen.items()), [*shared, *(o for *_, overrides in combo for o in overrides), *matched]))
     return base, Path(spec["output_dir"]), cells
+
+
+def _rules(path: Path, where: list, axes: dict[str, set[str]]) -> list[tuple[dict[str, set[str]], list[str]]]:
+    """``where`` entries as (axis -> value names it matches, overrides); names checked against the axes."""
+    rules = []
+    for i, rule in enumerate(where):
+        if not isinstance(rule, dict) or set(rule) != {"match", "set"}:
+            raise UserError(f"{path}: where[{i}]: give {{match: {{axis: value or [values]}}, set: {{key: value}}}}")
+        match = {}
+        for axis, names in rule["match"].items():
+            names = {str(n) for n in (names if isinstance(names, list) else [names])}
+            if axis not in axes or not names <= axes[axis]:
+                raise UserError(f"{path}: where[{i}].match.{axis}: no such axis or value (axes: {axes})")
+            match[axis] = names
+        rules.append((match, _overrides(rule["set"])))
+    return rules
 
 
 def cell_state(run_dir: Path) -> str:

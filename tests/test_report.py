@@ -71,13 +71,19 @@ def test_study_cells_are_the_product_of_the_axes(tmp_path):
             "seed": [0, 1, 2],
         },
         settings={"rounds": 2},
+        where=[{"match": {"method": "ffa_lora", "seed": [1, 2]}, "set": {"train.lr": 0.05}}],
     )
     base, out, cells = study.load_study(path)
     assert base == CONFIG_DIR / "tiny.yaml" and out == tmp_path / "out" and len(cells) == 6
     assert cells[0].name == "method=lora,data=skew,seed=0"
-    cfg = study.load_config(base, [*cells[0].overrides, f"output_dir={tmp_path}/x"])
+    configs = {c.name: study.load_config(base, [*c.overrides, f"output_dir={tmp_path}/x"]) for c in cells}
+    cfg = configs["method=lora,data=skew,seed=0"]
     assert cfg.method == "lora" and cfg.train.lr == 0.002 and cfg.seed == 0 and cfg.rounds == 2
     assert cfg.data.label_proportions[1] == [0.05, 0.9, 0.05]
+    tiny_lr = study.load_config(base, [f"output_dir={tmp_path}/x"]).train.lr
+    assert [configs[f"method=ffa_lora,data=skew,seed={s}"].train.lr for s in (0, 1, 2)] == [tiny_lr, 0.05, 0.05]
+    with pytest.raises(UserError, match=r"where\[0\].match.seed: no such axis or value"):
+        study.load_study(_study_file(tmp_path, {"seed": [0]}, where=[{"match": {"seed": 7}, "set": {"rounds": 1}}]))
 
 
 def test_a_study_with_a_bad_key_stops_before_running_anything(tmp_path, capsys):
