@@ -127,8 +127,11 @@ def plot(groups: dict[str, list[Run]], path: Path, metric: str = "eval_accuracy"
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, runs in groups.items():
+    # The legend goes below the plot (setting names are long); past 10 settings the colours repeat,
+    # so the line style changes with each round of the colour cycle.
+    fig, ax = plt.subplots(figsize=(9, 4.5 + 0.22 * len(groups)))
+    styles = ["-", "--", ":", "-."]
+    for index, (name, runs) in enumerate(groups.items()):
         by_round: dict[int, list[float]] = {}
         for run in runs:
             for row in run.rows:
@@ -140,12 +143,12 @@ def plot(groups: dict[str, list[Run]], path: Path, metric: str = "eval_accuracy"
         rounds = np.array(sorted(by_round))
         mean = np.array([np.mean(by_round[r]) for r in rounds])
         std = np.array([np.std(by_round[r], ddof=1) if len(by_round[r]) > 1 else 0.0 for r in rounds])
-        (line,) = ax.plot(rounds, mean, label=f"{name} (n={len(runs)})")
+        (line,) = ax.plot(rounds, mean, styles[index // 10 % 4], marker="o", markersize=3, label=f"{name} (n={len(runs)})")
         ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("round")
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
