@@ -26,6 +26,8 @@ from raysim.config import UserError, load_config
 # benchmark results. cluster/runtime_env.yaml lists the same patterns for `ray job submit`.
 WORKING_DIR_EXCLUDES = [
     "runs/",
+    "studies/",
+    "reports/",
     ".git/",
     "__pycache__/",
     "*.egg-info/",
