@@ -16,8 +16,10 @@ cartesian product, each run with ``raysim run``'s code into ``OUTPUT/<axis=value
       - {match: {method: lora, privacy: [eps6, eps3, eps1]}, set: {train.lr: 2.0e-2}}
 
 A cell whose summary.json exists is done and skipped; one with a checkpoint resumes from it; any
-other is started afresh. All cells share one Ray instance. ``--list`` prints the cells and their
-state without running anything.
+other is started afresh. A done or resumable cell whose config.yaml no longer matches what the
+study file says (a learning rate edited after it ran, say) is stale: the study refuses to run
+until its directory is removed, so one table never mixes two versions of a cell. All cells share
+one Ray instance. ``--list`` prints the cells and their state without running anything.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from raysim.checkpoint import find_checkpoint
-from raysim.config import UserError, load_config
+from raysim.config import UserError, flatten, load_config
 
 log = logging.getLogger("raysim")
+
+# Keys that say where and on what a cell runs, not what it computes.
+_PLACEMENT_KEYS = ("output_dir", "overwrite", "resume", "checkpoint", "ray", "worker")
 
 
 @dataclass
@@ -112,6 +117,21 @@ def cell_state(run_dir: Path) -> str:
         return "to do"
 
 
+def stale_keys(run_dir: Path, cfg: DictConfig) -> list[str]:
+    """The keys whose value in the cell's saved config.yaml differs from ``cfg``, the study's config
+    for it now. Keys the saved config lacks (added to raysim after the cell ran) are not compared."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    before = flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return [
+        key
+        for key in sorted(set(before) & set(now))
+        if before[key] != now[key] and not any(key == p or key.startswith(f"{p}.") for p in _PLACEMENT_KEYS)
+    ]
+
+
 def run_cell(base: Path, run_dir: Path, cell: Cell) -> None:
     """One cell, as ``raysim run`` would, without the adapter files (a study keeps numbers only)."""
     from raysim.runtime.simulation import Simulation
@@ -134,13 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base, out, cells = load_study(args.study)
         out = Path(args.output_dir) if args.output_dir else out
+        states, stale = {}, []
         for cell in cells:  # every cell's config is checked before the first one runs
-            load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])
+            cfg = load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])
+            states[cell.name] = cell_state(out / cell.name)
+            changed = stale_keys(out / cell.name, cfg) if states[cell.name] != "to do" else []
+            if changed:
+                states[cell.name] = "stale"
+                saved = flatten(OmegaConf.to_container(OmegaConf.load(out / cell.name / "config.yaml")))
+                stale.append(f"{out / cell.name}: {changed[0]} was {saved[changed[0]]!r}, the study now says {OmegaConf.select(cfg, changed[0])!r}")
         if args.list:
             for cell in cells:
-                print(f"{cell_state(out / cell.name):9}  {cell.name}")
+                print(f"{states[cell.name]:9}  {cell.name}")
             return 0
-        todo = [c for c in cells if cell_state(out / c.name) != "done"]
+        if stale:
+            raise UserError(
+                f"{len(stale)} cell(s) ran with a config the study file no longer gives; remove their directories "
+                "to run them again, or restore the study file:\n  " + "\n  ".join(stale)
+            )
+        todo = [c for c in cells if states[c.name] != "done"]
         log.info("study %s: %d cells, %d done, %d to run, into %s", args.study, len(cells), len(cells) - len(todo), len(todo), out)
         import ray
 

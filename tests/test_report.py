@@ -93,6 +93,24 @@ def test_a_study_with_a_bad_key_stops_before_running_anything(tmp_path, capsys):
     assert study.main([str(_study_file(tmp_path, {"seed": 3}))]) == 2
 
 
+def test_a_finished_cell_the_study_file_no_longer_describes_is_stale(tmp_path, capsys):
+    from raysim.config import to_yaml
+
+    path = _study_file(tmp_path, {"seed": [0, 1]}, settings={"train.lr": 0.01})
+    base, out, cells = study.load_study(path)
+    for cell, lr in zip(cells, (0.01, 0.05)):  # seed=1 ran before the study's lr was edited
+        cfg = study.load_config(base, [*cell.overrides, f"output_dir={out / cell.name}", f"train.lr={lr}", "worker.count=1"])
+        (out / cell.name).mkdir(parents=True)
+        (out / cell.name / "config.yaml").write_text(to_yaml(cfg))
+        (out / cell.name / "summary.json").write_text("{}")
+    assert study.main([str(path), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["done", "seed=0", "stale", "seed=1"]
+    assert study.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "seed=1: train.lr was 0.05, the study now says 0.01" in err and "seed=0" not in err
+    assert (out / "seed=1" / "summary.json").read_text() == "{}"
+
+
 def test_a_study_skips_finished_cells(tmp_path, capsys):
     import ray
 
