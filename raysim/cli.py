@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories holding runs")
     report.add_argument("--out", required=True, metavar="DIR", help="where report.md and the plots go")
+    report.add_argument(
+        "--compare",
+        metavar="KEY",
+        help="a config key (e.g. method): put its values side by side per setting, with their difference paired by seed, and plot a panel per setting",
+    )
     return parser
 
 
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if parsed.command == "report":
             from raysim.report import report
 
-            log.info("report: %s", report(parsed.runs, parsed.out))
+            log.info("report: %s", report(parsed.runs, parsed.out, parsed.compare))
             return 0
     except UserError as err:
         print(f"raysim: error: {err}", file=sys.stderr)

@@ -4,7 +4,7 @@ A run is a directory ``raysim run`` wrote (config.yaml, metrics.parquet, summary
 holding runs (a study's output) stands for all of them. Runs whose configs differ only in
 ``seed`` (and in keys that do not change results: output paths, Ray and worker placement,
 checkpoints) form one setting; a setting is named by the keys in which the settings differ.
-No Ray here.
+``--compare KEY`` puts KEY's values side by side per setting, paired by seed. No Ray here.
 """
 
 from __future__ import annotations
@@ -57,18 +57,47 @@ def load_run(path: Path) -> Run:
     return Run(path, flatten(config), rows, summary)
 
 
-def settings(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs grouped by setting, each named by its values of the keys in which the runs differ."""
-    keys = sorted(
+def _varying_keys(runs: list[Run]) -> list[str]:
+    """The keys, other than seed and placement, in which some runs differ."""
+    return sorted(
         k
         for k in set().union(*(r.config for r in runs))
         if not any(k == s or k.startswith(f"{s}.") for s in _NOT_A_SETTING) and len({repr(r.config.get(k)) for r in runs}) > 1
     )
+
+
+def _group(runs: list[Run], keys: list[str]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = {}
     for run in runs:
         name = ", ".join(f"{k}={run.config.get(k)}" for k in keys) or "all runs"
         groups.setdefault(name, []).append(run)
     return groups
+
+
+def settings(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by setting, each named by its values of the keys in which the runs differ."""
+    return _group(runs, _varying_keys(runs))
+
+
+def _determined(runs: list[Run], key: str, by: list[str]) -> bool:
+    """Whether the runs' values of ``by`` fix their value of ``key``."""
+    seen: dict[tuple, str] = {}
+    for run in runs:
+        value = repr(run.config.get(key))
+        if seen.setdefault(tuple(repr(run.config.get(b)) for b in by), value) != value:
+            return False
+    return True
+
+
+def comparison_rows(runs: list[Run], key: str) -> dict[str, list[Run]]:
+    """The rows of a comparison along ``key``: runs grouped by the keys in which they differ, except
+    ``key`` and the keys that ``key`` and the rest fix (a learning rate chosen per method, the client
+    count that goes with a partition), so that each row holds every value of ``key``."""
+    keys = [k for k in _varying_keys(runs) if k != key]
+    for k in list(keys):
+        if _determined(runs, k, [o for o in keys if o != k] + [key]):
+            keys.remove(k)
+    return _group(runs, keys)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -114,35 +143,86 @@ def table(groups: dict[str, list[Run]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_values(runs: list[Run], key: str) -> list[str]:
+    """The values of ``key`` among the runs, as text, sorted; UserError unless there are several."""
+    values = sorted({str(r.config.get(key)) for r in runs})
+    if not any(key in r.config for r in runs):
+        raise UserError(f"--compare: no run has the key '{key}' (e.g. method, lora.alpha, privacy.target_epsilon)")
+    if len(values) < 2:
+        raise UserError(f"--compare: every run has {key}={values[0]}; nothing to compare")
+    return values
+
+
+def compare_table(rows: dict[str, list[Run]], key: str, values: list[str]) -> str:
+    """Markdown: a row per setting, a column per value of ``key`` (mean ± std over seeds of the final
+    accuracy). With two values, their difference paired by seed (same seed, same data and sampling)
+    and how many seeds the first wins."""
+    paired = len(values) == 2
+    head = [f"{key}={v}" for v in values] + ([f"{values[0]} − {values[1]}, paired by seed", f"seeds {values[0]} ahead"] if paired else [])
+    lines = ["| setting | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
+    for name, runs in rows.items():
+        by_value = {v: [r for r in runs if str(r.config.get(key)) == v] for v in values}
+        cells = [f"{_pm(_mean_std([_final_accuracy(r) for r in by_value[v]]), 4)} (n={len(by_value[v])})" for v in values]
+        if paired:
+            first = {r.config.get("seed"): _final_accuracy(r) for r in by_value[values[0]]}
+            second = {r.config.get("seed"): _final_accuracy(r) for r in by_value[values[1]]}
+            diffs = [first[s] - second[s] for s in first if s in second and first[s] is not None and second[s] is not None]
+            cells += [_pm(_mean_std(diffs), 4), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _pm(mean_std: tuple[float, float], digits: int) -> str:
     mean, std = mean_std
     return "—" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def plot(groups: dict[str, list[Run]], path: Path, metric: str = "eval_accuracy") -> Path:
-    """``metric`` against round: the mean over seeds per setting, with a band of ± one std."""
+def _curve(runs: list[Run], metric: str):
+    """(rounds, mean, std) of ``metric`` over the runs, or None when no run has it."""
+    import numpy as np
+
+    by_round: dict[int, list[float]] = {}
+    for run in runs:
+        for row in run.rows:
+            value = row.get(metric)
+            if value is not None and math.isfinite(value):
+                by_round.setdefault(row["round"], []).append(value)
+    if not by_round:
+        return None
+    rounds = np.array(sorted(by_round))
+    mean = np.array([np.mean(by_round[r]) for r in rounds])
+    std = np.array([np.std(by_round[r], ddof=1) if len(by_round[r]) > 1 else 0.0 for r in rounds])
+    return rounds, mean, std
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot(groups: dict[str, list[Run]], path: Path, metric: str = "eval_accuracy") -> Path:
+    """``metric`` against round: the mean over seeds per setting, with a band of ± one std."""
+    plt = _pyplot()
     # The legend goes below the plot (setting names are long); past 10 settings the colours repeat,
     # so the line style changes with each round of the colour cycle.
     fig, ax = plt.subplots(figsize=(9, 4.5 + 0.22 * len(groups)))
     styles = ["-", "--", ":", "-."]
     for index, (name, runs) in enumerate(groups.items()):
-        by_round: dict[int, list[float]] = {}
-        for run in runs:
-            for row in run.rows:
-                value = row.get(metric)
-                if value is not None and math.isfinite(value):
-                    by_round.setdefault(row["round"], []).append(value)
-        if not by_round:
+        curve = _curve(runs, metric)
+        if curve is None:
             continue
-        rounds = np.array(sorted(by_round))
-        mean = np.array([np.mean(by_round[r]) for r in rounds])
-        std = np.array([np.std(by_round[r], ddof=1) if len(by_round[r]) > 1 else 0.0 for r in rounds])
+        rounds, mean, std = curve
         (line,) = ax.plot(rounds, mean, styles[index // 10 % 4], marker="o", markersize=3, label=f"{name} (n={len(runs)})")
         ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("round")
@@ -150,14 +230,41 @@ def plot(groups: dict[str, list[Run]], path: Path, metric: str = "eval_accuracy"
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def report(paths: list[str | Path], out: str | Path) -> Path:
-    """Write OUT/report.md (the table) and OUT/accuracy.png, OUT/train_loss.png; returns report.md."""
+def compare_plot(rows: dict[str, list[Run]], key: str, values: list[str], path: Path, metric: str = "eval_accuracy") -> Path:
+    """One panel per setting, one line per value of ``key`` (mean over seeds, ± one std band)."""
+    plt = _pyplot()
+    cols = min(4, len(rows))
+    nrows = math.ceil(len(rows) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows + 0.6), sharex=True, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (name, runs) in zip(axes.flat, rows.items()):
+        for colour, value in zip(colours * len(values), values):
+            curve = _curve([r for r in runs if str(r.config.get(key)) == value], metric)
+            if curve is not None:
+                rounds, mean, std = curve
+                ax.plot(rounds, mean, color=colour, marker="o", markersize=3, label=f"{key}={value}")
+                ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.2)
+        ax.set_title(name.replace(", ", "\n"), fontsize="small")
+        ax.set_xlabel("round")
+        ax.tick_params(labelbottom=True)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(metric.replace("_", " "))
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(values), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.03, 1, 1))
+    return _save(fig, path)
+
+
+def report(paths: list[str | Path], out: str | Path, compare: str | None = None) -> Path:
+    """Write OUT/report.md (the table) and OUT/accuracy.png, OUT/train_loss.png; returns report.md.
+    With ``compare`` (a config key such as ``method``), report.md starts with a table that puts its
+    values side by side for each setting, and the plots get a panel per setting."""
     out = Path(out)
     found = [load_run(p) for p in find_runs(paths)]
     # A run without summary.json has not finished (or is still running): shown apart, not averaged.
@@ -166,16 +273,25 @@ def report(paths: list[str | Path], out: str | Path) -> Path:
     if not runs:
         raise UserError(f"no finished run (one with summary.json) among {len(found)} found")
     groups = settings(runs)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = [plot(groups, out / "accuracy.png", "eval_accuracy"), plot(groups, out / "train_loss.png", "train_loss")]
+    plotted = {"accuracy": "eval_accuracy", "train_loss": "train_loss"}  # file name -> metric
+    if compare:
+        values = compare_values(runs, compare)
+        rows = comparison_rows(runs, compare)
+        images = [f"![{name}]({compare_plot(rows, compare, values, out / f'{name}.png', metric).name})" for name, metric in plotted.items()]
+        split = runs[0].config.get("eval.split", "test")
+        head = [f"## {compare}, side by side", "", f"Final {split} accuracy, mean ± std over seeds.", "", compare_table(rows, compare, values), *images, "", "## Every setting", ""]
+        images = []
+    else:
+        images = [f"![{name}]({plot(groups, out / f'{name}.png', metric).name})" for name, metric in plotted.items()] + [""]
+        head = []
     text = [
         "# raysim report",
         "",
         f"{len(runs)} runs in {len(groups)} settings; mean ± standard deviation over seeds.",
         "",
+        *head,
         table(groups),
-        *(f"![{p.stem}]({p.name})" for p in plots),
-        "",
+        *images,
         "Runs:",
         "",
         *(f"- {name}: {', '.join(str(r.path) for r in group)}" for name, group in groups.items()),

@@ -46,6 +46,35 @@ def test_report_groups_seeds_into_settings_with_mean_and_std(tmp_path):
         assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_puts_methods_side_by_side_with_differences_paired_by_seed(tmp_path):
+    # Two splits x two methods x 3 seeds; the learning rate goes with the method (as a study's
+    # where-rules set it), so it must not split a method's runs from the other's.
+    finals = {("iid", "lora"): [0.60, 0.62, 0.58], ("iid", "ffa_lora"): [0.63, 0.61, 0.66], ("skew", "lora"): [0.40, 0.45, 0.50], ("skew", "ffa_lora"): [0.60, 0.52, 0.58]}
+    for (split, method), accs in finals.items():
+        for seed, acc in enumerate(accs):
+            path = tmp_path / "study" / f"{split}-{method}-{seed}"
+            _fake_run(path, method, seed, [0.3, acc - 0.01])
+            config = OmegaConf.load(path / "config.yaml")
+            config.data = {"partition": split}
+            config.train = {"lr": 0.05 if method == "ffa_lora" else 0.02}
+            (path / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    text = report.report([tmp_path / "study"], tmp_path / "report", compare="method").read_text()
+    assert "| setting | method=ffa_lora | method=lora | ffa_lora − lora, paired by seed | seeds ffa_lora ahead |" in text
+    for split in ("iid", "skew"):
+        line = next(line for line in text.splitlines() if line.startswith(f"| data.partition={split} |"))
+        ffa, lora = finals[(split, "ffa_lora")], finals[(split, "lora")]
+        diffs = [a - b for a, b in zip(ffa, lora)]
+        assert f"{statistics.fmean(ffa):.4f} ± {statistics.stdev(ffa):.4f} (n=3)" in line
+        assert f"{statistics.fmean(lora):.4f} ± {statistics.stdev(lora):.4f} (n=3)" in line
+        assert f"{statistics.fmean(diffs):.4f} ± {statistics.stdev(diffs):.4f}" in line
+        assert line.endswith(f"| {sum(d > 0 for d in diffs)}/3 |")
+    for name in ("accuracy.png", "train_loss.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(tmp_path / "study"), "--out", str(tmp_path / "r2"), "--compare", "methd"]) == 2
+    with pytest.raises(UserError, match="every run has data.partition=iid"):
+        report.report([tmp_path / "study" / "iid-lora-0", tmp_path / "study" / "iid-ffa_lora-0"], tmp_path / "r3", compare="data.partition")
+
+
 def test_report_names_a_directory_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: holds no run"):
