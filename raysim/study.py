@@ -19,7 +19,9 @@ A cell whose summary.json exists is done and skipped; one with a checkpoint resu
 other is started afresh. A done or resumable cell whose config.yaml no longer matches what the
 study file says (a learning rate edited after it ran, say) is stale: the study refuses to run
 until its directory is removed, so one table never mixes two versions of a cell. All cells share
-one Ray instance. ``--list`` prints the cells and their state without running anything.
+one Ray instance. ``--list`` prints the cells and their state without running anything;
+``--only AXIS=VALUE[,VALUE]`` narrows either to some cells (to run a grid's parts in the order
+that matters most, or on several machines into shared storage).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ _PLACEMENT_KEYS = ("output_dir", "overwrite", "resume", "checkpoint", "ray", "wo
 class Cell:
     name: str  # "method=lora,seed=0", also its directory's name
     overrides: list[str]
+    values: dict[str, str]  # axis -> the name of this cell's value on it
 
 
 def _overrides(values: dict[str, Any]) -> list[str]:
@@ -87,7 +90,8 @@ def load_study(path: str | Path) -> tuple[Path, Path, list[Cell]]:
     for combo in itertools.product(*axes):
         chosen = {axis: name for axis, name, _ in combo}
         matched = [o for match, overrides in rules if all(chosen[a] in names for a, names in match.items()) for o in overrides]
-        cells.append(Cell(",".join(f"{a}={n}" for a, n in chosen.items()), [*shared, *(o for *_, overrides in combo for o in overrides), *matched]))
+        overrides = [*shared, *(o for *_, overrides in combo for o in overrides), *matched]
+        cells.append(Cell(",".join(f"{a}={n}" for a, n in chosen.items()), overrides, chosen))
     return base, Path(spec["output_dir"]), cells
 
 
@@ -105,6 +109,23 @@ def _rules(path: Path, where: list, axes: dict[str, set[str]]) -> list[tuple[dic
             match[axis] = names
         rules.append((match, _overrides(rule["set"])))
     return rules
+
+
+def select(cells: list[Cell], only: list[str]) -> list[Cell]:
+    """The cells whose values match every ``AXIS=NAME[,NAME...]`` in ``only``; UserError naming an
+    axis or value the study does not have."""
+    names: dict[str, set[str]] = {}
+    for cell in cells:
+        for axis, name in cell.values.items():
+            names.setdefault(axis, set()).add(name)
+    for entry in only:
+        axis, _, wanted = entry.partition("=")
+        chosen = set(wanted.split(","))
+        if axis not in names or not wanted or not chosen <= names[axis]:
+            raise UserError(f"--only {entry}: give AXIS=VALUE[,VALUE...] with the study's axes and value names: "
+                            + "; ".join(f"{a}: {', '.join(sorted(v))}" for a, v in names.items()))
+        cells = [c for c in cells if c.values[axis] in chosen]
+    return cells
 
 
 def cell_state(run_dir: Path) -> str:
@@ -150,10 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", help="study file (YAML)")
     parser.add_argument("--list", action="store_true", help="print the cells and their state, run nothing")
     parser.add_argument("--output-dir", help="override the study's output_dir")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="AXIS=VALUE[,VALUE]",
+        help="run (or list) only the cells with these values, e.g. --only data=iid3,skew3 --only seed=0; repeatable",
+    )
     args = parser.parse_args(argv)
     try:
         base, out, cells = load_study(args.study)
         out = Path(args.output_dir) if args.output_dir else out
+        cells = select(cells, args.only)
         states, stale = {}, []
         for cell in cells:  # every cell's config is checked before the first one runs
             cfg = load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])

@@ -115,6 +115,18 @@ def test_study_cells_are_the_product_of_the_axes(tmp_path):
         study.load_study(_study_file(tmp_path, {"seed": [0]}, where=[{"match": {"seed": 7}, "set": {"rounds": 1}}]))
 
 
+def test_only_narrows_a_study_to_the_cells_with_those_values(tmp_path, capsys):
+    path = _study_file(tmp_path, {"seed": [0, 1, 2], "method": ["lora", "ffa_lora"]})
+    base, out, cells = study.load_study(path)
+    chosen = study.select(cells, ["seed=0,2", "method=ffa_lora"])
+    assert [c.name for c in chosen] == ["seed=0,method=ffa_lora", "seed=2,method=ffa_lora"]
+    assert study.main([str(path), "--list", "--only", "seed=1"]) == 0
+    assert capsys.readouterr().out.split() == ["to", "do", "seed=1,method=lora", "to", "do", "seed=1,method=ffa_lora"]
+    for bad in ("seed=3", "sed=1", "seed="):
+        assert study.main([str(path), "--list", "--only", bad]) == 2
+        assert f"--only {bad}:" in capsys.readouterr().err
+
+
 def test_a_study_with_a_bad_key_stops_before_running_anything(tmp_path, capsys):
     path = _study_file(tmp_path, {"seed": [0, 1]}, settings={"lora.rankk": 4})
     assert study.main([str(path)]) == 2
