@@ -127,6 +127,16 @@ def test_only_narrows_a_study_to_the_cells_with_those_values(tmp_path, capsys):
         assert f"--only {bad}:" in capsys.readouterr().err
 
 
+def test_every_shipped_study_file_gives_valid_configs():
+    studies = sorted(p for p in (CONFIG_DIR / "study").glob("*.yaml") if p.name != "base.yaml")
+    assert len(studies) >= 4
+    for path in studies:
+        base, out, cells = study.load_study(path)
+        assert cells and str(out).startswith("studies/"), path
+        for cell in cells:
+            study.load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])
+
+
 def test_a_study_with_a_bad_key_stops_before_running_anything(tmp_path, capsys):
     path = _study_file(tmp_path, {"seed": [0, 1]}, settings={"lora.rankk": 4})
     assert study.main([str(path)]) == 2
