@@ -138,16 +138,17 @@ def cell_state(run_dir: Path) -> str:
         return "to do"
 
 
-def stale_keys(run_dir: Path, cfg: DictConfig) -> list[str]:
-    """The keys whose value in the cell's saved config.yaml differs from ``cfg``, the study's config
-    for it now. Keys the saved config lacks (added to raysim after the cell ran) are not compared."""
+def config_changes(run_dir: Path, cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, value in the cell's saved config.yaml, value in ``cfg``) for each key on which the two
+    differ, ``cfg`` being the study's config for the cell now. Keys the saved config lacks (added to
+    raysim after the cell ran) and placement keys are not compared."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return []
     before = flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
     return [
-        key
+        (key, before[key], now[key])
         for key in sorted(set(before) & set(now))
         if before[key] != now[key] and not any(key == p or key.startswith(f"{p}.") for p in _PLACEMENT_KEYS)
     ]
@@ -187,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells:  # every cell's config is checked before the first one runs
             cfg = load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])
             states[cell.name] = cell_state(out / cell.name)
-            changed = stale_keys(out / cell.name, cfg) if states[cell.name] != "to do" else []
-            if changed:
+            changes = config_changes(out / cell.name, cfg) if states[cell.name] != "to do" else []
+            if changes:
                 states[cell.name] = "stale"
-                saved = flatten(OmegaConf.to_container(OmegaConf.load(out / cell.name / "config.yaml")))
-                stale.append(f"{out / cell.name}: {changed[0]} was {saved[changed[0]]!r}, the study now says {OmegaConf.select(cfg, changed[0])!r}")
+                key, before, now = changes[0]
+                stale.append(f"{out / cell.name}: {key} was {before!r}, the study now says {now!r}")
         if args.list:
             for cell in cells:
                 print(f"{states[cell.name]:9}  {cell.name}")
