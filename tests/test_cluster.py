@@ -339,9 +339,12 @@ def test_jobs_on_a_head_node(head_node, tmp_path, capsys, monkeypatch):
     failing = _popen_logged(
         ["raysim", "submit", "configs/tiny.yaml", *FAST, f"output_dir={taken}", "--address", head_node], failing_log, env
     )
+    # Ctrl-C's default action, even when pytest runs where SIGINT is ignored (under nohup, say),
+    # which a child would inherit and Python would then never raise KeyboardInterrupt.
     interrupted = subprocess.Popen(
         ["raysim", "submit", "configs/tiny.yaml", *FAST, f"output_dir={tmp_path / 'interrupted'}", "--address", head_node],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     submitted = next((line for line in interrupted.stderr if line.startswith("raysim: submitted job")), "")
     interrupted.send_signal(signal.SIGINT)
