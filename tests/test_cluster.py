@@ -5,6 +5,7 @@ The head node gets its own ports, temp dir and process group, and is killed thro
 stop` would kill every Ray instance of this user, including the runtime tests' session.
 """
 
+import collections
 import copy
 import json
 import os
@@ -14,6 +15,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import tomllib
@@ -204,6 +206,67 @@ def test_submit_config_outside_working_dir_exits_2(capsys, monkeypatch, tmp_path
     outside.write_text((REPO / "configs" / "tiny.yaml").read_text())
     assert main(["submit", str(outside), "--address", f"http://127.0.0.1:{_free_port()}"]) == 2
     assert "inside the working directory" in _one_error_line(capsys)
+
+
+# --- multi-GPU placement by Ray's own scheduler -------------------------------------------------
+
+# Two nodes started by Ray's test cluster with GPUs declared (Ray schedules declared GPUs as it does
+# real ones and sets CUDA_VISIBLE_DEVICES): the head with 2, a second node with 1. Probe actors get
+# the workers' own options; each reports where Ray put it and the device raysim would pick there.
+_PLACEMENT_PROBE = """
+import json, os, sys
+import ray
+from ray.cluster_utils import Cluster
+from raysim.config import CONFIG_DIR, load_config
+from raysim.runtime.placement import workers_that_fit
+from raysim.runtime.simulation import worker_options
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False})
+cluster.add_node(num_cpus=2, num_gpus=1)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, logging_level="ERROR")
+
+@ray.remote
+class Probe:
+    def where(self):
+        from raysim.runtime.worker import actor_device
+        ctx = ray.get_runtime_context()
+        return [ctx.get_node_id(), ctx.get_accelerator_ids()["GPU"], os.environ.get("CUDA_VISIBLE_DEVICES"), str(actor_device())]
+
+worker = load_config(CONFIG_DIR / "tiny.yaml", ["worker.num_cpus=0.25", f"worker.num_gpus={sys.argv[1]}"]).worker
+auto = workers_that_fit([n["Resources"] for n in ray.nodes() if n["Alive"]], worker.num_cpus, worker.num_gpus)
+first_two = [Probe.options(**worker_options(worker)).remote() for _ in range(2)]
+first_nodes = ray.get([a.where.remote() for a in first_two], timeout=120)
+rest = [Probe.options(**worker_options(worker)).remote() for _ in range(auto - 2)]
+placed = first_nodes + ray.get([a.where.remote() for a in rest], timeout=120)
+print(json.dumps({"auto": auto, "placed": placed, "head": ray.get_runtime_context().get_node_id()}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_workers_fill_every_gpu_of_every_node_with_fractional_shares():
+    proc = subprocess.run(
+        [sys.executable, "-c", _PLACEMENT_PROBE, "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    placed = result["placed"]
+    # 3 GPUs at 0.5 each hold 6 workers, and worker.count=auto starts that many.
+    assert result["auto"] == 6 and len(placed) == 6
+    # SPREAD: the first two workers go to different nodes, not both onto the head.
+    assert placed[0][0] != placed[1][0]
+    per_gpu = collections.Counter((node, tuple(gpus)) for node, gpus, _, _ in placed)
+    assert sorted(per_gpu.values()) == [2, 2, 2] and len({node for node, _ in per_gpu}) == 2
+    head_gpus = {gpus for node, gpus in per_gpu if node == result["head"]}
+    assert head_gpus == {("0",), ("1",)}, "both of the head's GPUs are used"
+    for _, gpus, visible, device in placed:
+        # Ray makes the granted GPU the only visible one, so it is cuda:0 inside the actor.
+        assert visible == gpus[0] and device == "cuda:0"
 
 
 # --- jobs on a real head node ------------------------------------------------------------------

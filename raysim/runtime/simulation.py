@@ -53,6 +53,18 @@ def _check_output_dir(cfg: DictConfig, resumed_run: Path | None) -> Path:
     return out
 
 
+def worker_options(worker: DictConfig) -> dict[str, Any]:
+    """How Ray places a client worker: its CPU and (fractional) GPU share, spread over all nodes of
+    a cluster instead of packed onto the first. Ray picks the GPU; the actor uses what it was granted."""
+    return {
+        "num_cpus": worker.num_cpus,
+        "num_gpus": worker.num_gpus,
+        "max_restarts": worker.max_restarts,
+        "max_task_retries": 0,
+        "scheduling_strategy": "SPREAD",
+    }
+
+
 def _write_atomic(path: Path, write) -> None:
     """Write through a temporary file and rename, so a crash never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -98,13 +110,7 @@ class Simulation:
         # The actors start now: importing torch and transformers takes a worker several seconds,
         # while the driver tokenizes the data.
         self.workers = [
-            ClientWorker.options(
-                num_cpus=self.cfg.worker.num_cpus,
-                num_gpus=self.cfg.worker.num_gpus,
-                max_restarts=self.cfg.worker.max_restarts,
-                max_task_retries=0,
-                scheduling_strategy="SPREAD",  # over all nodes of a cluster, not packed onto the first
-            ).remote(resolved, w, len(self.label_names))
+            ClientWorker.options(**worker_options(self.cfg.worker)).remote(resolved, w, len(self.label_names))
             for w in range(num_workers)
         ]
         central_dp = None
