@@ -66,9 +66,17 @@ def _varying_keys(runs: list[Run]) -> list[str]:
     )
 
 
+def _order(value: Any) -> tuple:
+    """Sort key for a config value: numbers by size (alpha 8 before 64 before 256), then text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
 def _group(runs: list[Run], keys: list[str]) -> dict[str, list[Run]]:
+    """Runs grouped by their values of ``keys``, the groups in order of those values."""
     groups: dict[str, list[Run]] = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda r: [_order(r.config.get(k)) for k in keys]):
         name = ", ".join(f"{k}={run.config.get(k)}" for k in keys) or "all runs"
         groups.setdefault(name, []).append(run)
     return groups
@@ -145,7 +153,8 @@ def table(groups: dict[str, list[Run]]) -> str:
 
 def compare_values(runs: list[Run], key: str) -> list[str]:
     """The values of ``key`` among the runs, as text, sorted; UserError unless there are several."""
-    values = sorted({str(r.config.get(key)) for r in runs})
+    distinct = {str(r.config.get(key)): r.config.get(key) for r in runs}
+    values = sorted(distinct, key=lambda text: _order(distinct[text]))
     if not any(key in r.config for r in runs):
         raise UserError(f"--compare: no run has the key '{key}' (e.g. method, lora.alpha, privacy.target_epsilon)")
     if len(values) < 2:

@@ -75,6 +75,21 @@ def test_compare_puts_methods_side_by_side_with_differences_paired_by_seed(tmp_p
         report.report([tmp_path / "study" / "iid-lora-0", tmp_path / "study" / "iid-ffa_lora-0"], tmp_path / "r3", compare="data.partition")
 
 
+def test_settings_and_compared_values_are_in_numeric_order(tmp_path):
+    # Directory order (alpha=16 < alpha=256 < alpha=64 < alpha=8) is not the values' order.
+    for alpha in (16, 256, 64, 8):
+        for method in ("lora", "ffa_lora"):
+            path = tmp_path / "study" / f"alpha={alpha},method={method}"
+            _fake_run(path, method, 0, [0.5])
+            config = OmegaConf.load(path / "config.yaml")
+            config.lora = {"alpha": alpha}
+            (path / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    runs = [report.load_run(p) for p in report.find_runs([tmp_path / "study"])]
+    assert list(report.comparison_rows(runs, "method")) == [f"lora.alpha={a}" for a in (8, 16, 64, 256)]
+    assert report.compare_values(runs, "lora.alpha") == ["8", "16", "64", "256"]
+    assert list(report.settings(runs))[:2] == ["lora.alpha=8, method=ffa_lora", "lora.alpha=8, method=lora"]
+
+
 def test_report_names_a_directory_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: holds no run"):
