@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         base, out, cells = load_study(args.study)
         out = Path(args.output_dir) if args.output_dir else out
         cells = select(cells, args.only)
-        states, stale = {}, []
+        states, stale, configs = {}, [], {}
         for cell in cells:  # every cell's config is checked before the first one runs
-            cfg = load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])
+            cfg = configs[cell.name] = load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])
             states[cell.name] = cell_state(out / cell.name)
             changes = config_changes(out / cell.name, cfg) if states[cell.name] != "to do" else []
             if changes:
@@ -204,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         todo = [c for c in cells if states[c.name] != "done"]
         log.info("study %s: %d cells, %d done, %d to run, into %s", args.study, len(cells), len(cells) - len(todo), len(todo), out)
+        if not todo:
+            return 0
         import ray
 
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        from raysim.runtime.simulation import start_ray
+
+        # One Ray for all cells, as the first cell's ray.* settings (or RAY_ADDRESS) ask.
+        start_ray(configs[todo[0].name])
         try:
             for i, cell in enumerate(todo, 1):
                 log.info("cell %d/%d: %s", i, len(todo), cell.name)

@@ -177,6 +177,24 @@ def test_a_finished_cell_the_study_file_no_longer_describes_is_stale(tmp_path, c
     assert (out / "seed=1" / "summary.json").read_text() == "{}"
 
 
+def test_a_study_starts_ray_as_its_ray_settings_say(tmp_path, monkeypatch):
+    import ray
+
+    seen = []
+    monkeypatch.setattr(study, "run_cell", lambda base, run_dir, cell: seen.append(ray.cluster_resources().get("CPU")))
+    path = _study_file(tmp_path, {"seed": [0]}, settings={"ray.num_cpus": 1})
+    ray_was_up = ray.is_initialized()
+    if ray_was_up:
+        ray.shutdown()
+    try:
+        assert study.main([str(path)]) == 0
+        assert not ray.is_initialized(), "the study shuts down the Ray it started"
+    finally:
+        if ray_was_up:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    assert seen == [1.0]
+
+
 def test_a_study_skips_finished_cells(tmp_path, capsys):
     import ray
 

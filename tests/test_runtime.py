@@ -70,9 +70,11 @@ def test_outputs_and_adapter_load_with_peft(tmp_path):
 def test_same_seed_same_run(tmp_path):
     runs = []
     for i in range(2):
-        with Simulation(tiny_config(tmp_path / str(i), "rounds=2")) as sim:
+        with Simulation(tiny_config(tmp_path / str(i), "rounds=2", "eval.every=5")) as sim:
             sim.run(2, progress=False)
             runs.append((sim.metrics.column("train_loss").to_pylist(), sim.global_adapter()))
+            accuracy = sim.metrics.column("eval_accuracy").to_pylist()
+            assert np.isnan(accuracy[0]) and np.isfinite(accuracy[1]), "evaluated on schedule, and after the last round"
     assert runs[0][0] == runs[1][0]
     assert all(np.array_equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 

@@ -65,6 +65,27 @@ def worker_options(worker: DictConfig) -> dict[str, Any]:
     }
 
 
+def start_ray(cfg: DictConfig) -> bool:
+    """Join the cluster that ray.address names, or under `ray job submit` (RAY_ADDRESS) the job's
+    own; else start a local Ray with ray.num_cpus and ray.dashboard. True when Ray started here."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if address is None:
+        kwargs["include_dashboard"] = bool(cfg.ray.dashboard)
+        if cfg.ray.num_cpus:
+            kwargs["num_cpus"] = cfg.ray.num_cpus
+    try:
+        info = ray.init(address=address, **kwargs)
+    except ConnectionError as err:
+        raise UserError(f"ray.address: cannot connect to '{address}': {str(err).splitlines()[0]}") from None
+    dashboard = getattr(info, "dashboard_url", None)
+    if dashboard:
+        log.info("Ray dashboard: http://%s", dashboard)
+    elif address is None:
+        log.info("Ray dashboard: off (ray.dashboard=true starts it)")
+    return address is None
+
+
 def _write_atomic(path: Path, write) -> None:
     """Write through a temporary file and rename, so a crash never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -284,24 +305,8 @@ class Simulation:
     def _init_ray(self) -> None:
         if ray.is_initialized():
             return
-        # Under `ray job submit` (or with RAY_ADDRESS set) the job's cluster is the one to join.
-        address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-        kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
-        if address is None:
-            kwargs["include_dashboard"] = bool(self.cfg.ray.dashboard)
-            if self.cfg.ray.num_cpus:
-                kwargs["num_cpus"] = self.cfg.ray.num_cpus
-        try:
-            info = ray.init(address=address, **kwargs)
-        except ConnectionError as err:
-            raise UserError(f"ray.address: cannot connect to '{address}': {str(err).splitlines()[0]}") from None
+        self._started_ray = start_ray(self.cfg)
         self._owns_ray = True
-        self._started_ray = address is None
-        dashboard = getattr(info, "dashboard_url", None)
-        if dashboard:
-            log.info("Ray dashboard: http://%s", dashboard)
-        elif address is None:
-            log.info("Ray dashboard: off (ray.dashboard=true starts it)")
 
     def _reload(self, w: int, timeout_s: float = 300.0) -> None:
         """After a worker died: wait until Ray has restarted it, then hand it its data again. Its
@@ -421,7 +426,7 @@ class Simulation:
                 cfg.secagg.clip_range,
             )
         eval_started = time.perf_counter()
-        if round_idx % cfg.eval.every == 0:
+        if round_idx % cfg.eval.every == 0 or round_idx == cfg.rounds:
             result = self._evaluate("subset")
         else:
             result = {"eval_loss": math.nan, "eval_accuracy": math.nan}
