@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from raysim.config import DEFAULT_CONFIG, UserError, load_config
 
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: list[str], quiet: bool = False) -> int:
     config_path = None
-    if args and "=" not in args[0]:
+    # A study cell's directory has "=" in its name, so a path to an existing file is a config too.
+    if args and ("=" not in args[0] or Path(args[0]).is_file()):
         config_path, args = args[0], args[1:]
     cfg = load_config(config_path, args)
 

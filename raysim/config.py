@@ -336,6 +336,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.lr > 0, "train.lr", "must be > 0")
     _check(0 < cfg.train.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
     _check(cfg.train.optimizer in OPTIMIZERS, "train.optimizer", f"'{cfg.train.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
+    _check(cfg.train.optimizer == "sgd" or cfg.train.momentum == 0, "train.momentum", "only SGD uses it; set train.optimizer=sgd")
     _check(cfg.train.weighting in WEIGHTINGS, "train.weighting", f"'{cfg.train.weighting}' is not one of {', '.join(WEIGHTINGS)}")
     _check(cfg.server.lr > 0, "server.lr", "must be > 0")
     _check(0 <= cfg.server.momentum < 1, "server.momentum", "must be in [0, 1)")

@@ -51,6 +51,15 @@ def test_missing_config_file():
         load_config("/no/such.yaml")
 
 
+def test_cli_reads_a_config_whose_path_has_an_equals_sign(tmp_path):
+    # as a study cell's directory does: seed=0,method=lora/config.yaml
+    cell = tmp_path / "seed=0,method=lora"
+    cell.mkdir()
+    (cell / "config.yaml").write_text((CONFIG_DIR / "tiny.yaml").read_text().replace("rounds: 3", "rounds: -1"))
+    proc = subprocess.run([sys.executable, "-m", "raysim", "run", str(cell / "config.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "rounds: must be >= 0" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 @pytest.mark.parametrize(
     "args, expect",
     [

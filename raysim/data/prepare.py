@@ -37,7 +37,6 @@ class PreparedData:
     eval_full: pa.Table  # the whole evaluation split (test, or validation when tuning)
     eval_subset: np.ndarray  # row indices of eval_full evaluated every round
     label_names: list[str]
-    label_counts: np.ndarray  # training examples per label, over all clients
 
 
 def plan_data(cfg) -> DataPlan:
@@ -89,8 +88,7 @@ def tokenize_plan(plan: DataPlan, tokenizer, max_length: int) -> PreparedData:
     labels, n = plan.labels, plan.n_train
     shards = [to_arrow(ids[p], lengths[p], labels[p]) for p in plan.parts]
     eval_full = to_arrow(ids[n:], lengths[n:], labels[n:])
-    counts = np.bincount(labels[:n], minlength=len(plan.label_names))
-    return PreparedData(shards, eval_full, plan.eval_subset, plan.label_names, counts)
+    return PreparedData(shards, eval_full, plan.eval_subset, plan.label_names)
 
 
 def prepare(cfg, tokenizer) -> PreparedData:
