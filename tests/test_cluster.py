@@ -392,7 +392,7 @@ def test_jobs_on_a_head_node(head_node, tmp_path, capsys, monkeypatch):
     ray_cli_log, failing_log = tmp_path / "ray-cli.log", tmp_path / "failing.log"
     ray_cli = _popen_logged(
         ["ray", "job", "submit", "--address", head_node, "--runtime-env", "cluster/runtime_env.yaml", "--",
-         "raysim", "run", "--quiet", "configs/tiny.yaml", *FAST, f"output_dir={tmp_path / 'ray-cli'}"],
+         "python", "-m", "raysim", "run", "--quiet", "configs/tiny.yaml", *FAST, f"output_dir={tmp_path / 'ray-cli'}"],
         ray_cli_log, env,
     )
     # Valid here, refused on the cluster: an output_dir that exists and is not empty.
