@@ -2,10 +2,11 @@
 good one. No Ray here; :class:`raysim.Simulation` gathers the state and calls these functions.
 
 Layout: ``OUTPUT_DIR/checkpoints/round-000004/`` holds ``state.pkl`` (server, clients and their
-owners, privacy budget, metrics so far; sampling is drawn from (seed, round) and needs no state) and ``config.yaml`` (for people). A checkpoint is written into a
-hidden ``.partial-*`` directory and renamed into place only when complete; the newest complete
-``round-*`` directory is the one to resume from. ``state.pkl`` is a pickle, like ``torch.load``'s
-default files: resume only from checkpoints you wrote.
+owners, privacy budget, metrics so far; sampling is drawn from (seed, round) and needs no state)
+and ``config.yaml`` (for people). A checkpoint is written into a hidden ``.partial-*`` directory
+and renamed into place only when complete; the newest complete ``round-*`` directory is the one
+to resume from. ``state.pkl`` is a pickle, like ``torch.load``'s default files: resume only from
+checkpoints you wrote.
 """
 
 from __future__ import annotations
