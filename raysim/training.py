@@ -117,9 +117,9 @@ def shuffled_batches(state: ClientState, lengths: np.ndarray, batch_size: int, s
         yield next_batch(state, lengths, batch_size)
 
 
-def collate(data: ClientData, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, labels) trimmed to the longest row of the batch."""
-    width = int(data.lengths[idx].max())
+def collate(data: ClientData, idx: np.ndarray, device: torch.device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) trimmed to the longest row of the batch, or to ``width``."""
+    width = int(data.lengths[idx].max()) if width is None else width
     ids = torch.from_numpy(data.ids[idx, :width].astype(np.int64))
     mask = torch.arange(width)[None, :] < torch.from_numpy(data.lengths[idx].astype(np.int64))[:, None]
     labels = torch.from_numpy(data.labels[idx])
@@ -133,9 +133,11 @@ def load_adapter(params: Mapping[str, torch.nn.Parameter], state: Mapping[str, t
             params[name].copy_(value, non_blocking=True)
 
 
-def swap_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], saved: dict[int, dict]) -> None:
-    """Make ``optimizer`` continue from a client's saved moments (empty: a fresh optimizer)."""
-    optimizer.state.clear()
+def swap_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], saved: dict[int, dict], clear: bool = True) -> None:
+    """Make ``optimizer`` continue from a client's saved moments (empty: a fresh optimizer) for
+    ``params``; ``clear=False`` keeps other parameters' state (several clients in one optimizer)."""
+    if clear:
+        optimizer.state.clear()
     for i, moments in saved.items():
         optimizer.state[params[i]] = moments
 
@@ -170,7 +172,7 @@ def local_train(
     An empty batch (possible under Poisson sampling) still takes a step: the loss of one row times
     zero, so DP-SGD adds its noise as it must, and nothing is learned from that row.
     """
-    total, counted = 0.0, 0
+    total, counted = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     for idx in batches:
         empty = len(idx) == 0
         ids, mask, labels = collate(data, np.zeros(1, dtype=np.int64) if empty else idx, device)
@@ -182,9 +184,9 @@ def local_train(
         loss.backward()
         optimizer.step()
         if not empty:
-            total += loss.item()
+            total += loss.detach()
             counted += 1
-    return total / counted if counted else math.nan
+    return float(total) / counted if counted else math.nan
 
 
 @torch.no_grad()

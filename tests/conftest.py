@@ -3,6 +3,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,16 @@ from raysim.model import adapter_state, build_model, frozen_lora_a, load_tokeniz
 from raysim.training import ClientData, ClientState, load_adapter, local_train, make_optimizer, shuffled_batches, step_seed
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def random_rows(n=40, seed=0, width=16) -> ClientData:
+    """A client's rows of random tokens, 3 to width - 1 long, with random labels of 3 classes."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, width, n).astype(np.int32)
+    ids = np.zeros((n, width), np.int32)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = rng.integers(1000, 2000, length)
+    return ClientData(ids, lengths, rng.integers(0, 3, n))
 
 
 def tiny_config(tmp_path, *overrides):

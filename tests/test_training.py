@@ -9,7 +9,6 @@ import torch
 from raysim.methods.common import seeded_lora_a
 from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_parameters
 from raysim.training import (
-    ClientData,
     ClientState,
     epoch_batches,
     load_adapter,
@@ -20,18 +19,10 @@ from raysim.training import (
     swap_optimizer_state,
 )
 
-from conftest import tiny_config
+from conftest import random_rows, tiny_config
 
 TRAIN_CFG = tiny_config(Path("/tmp/unused")).train
 
-
-def _data(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, 16, n).astype(np.int32)
-    ids = np.zeros((n, 16), np.int32)
-    for i, length in enumerate(lengths):
-        ids[i, :length] = rng.integers(1000, 2000, length)
-    return ClientData(ids, lengths, rng.integers(0, 3, n))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +54,7 @@ def test_local_training_moves_b_but_not_a(ffa_model):
     start = {k: v.detach().clone() for k, v in params.items()}
     frozen_before = frozen_lora_a(ffa_model)
     opt = make_optimizer(TRAIN_CFG, list(params.values()))
-    data = _data()
+    data = random_rows()
     loss = local_train(ffa_model, opt, data, shuffled_batches(ClientState.new(0, 1), data.lengths, 8, 3), torch.device("cpu"))
     assert np.isfinite(loss)
     moved = [k for k in params if not torch.equal(params[k], start[k])]
@@ -77,7 +68,7 @@ def test_local_training_moves_b_but_not_a(ffa_model):
 def test_optimizer_state_is_kept_per_client(ffa_model):
     params = list(trainable_parameters(ffa_model).values())
     opt = make_optimizer(TRAIN_CFG, params)
-    data = _data()
+    data = random_rows()
     one, two = ClientState.new(0, 1), ClientState.new(0, 2)
     for state in (one, two):
         swap_optimizer_state(opt, params, state.optimizer_state)
