@@ -123,6 +123,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     # How client deltas are weighted in the average: by local examples (FedAvg) or equally.
     weighting: str = "examples"
+    # Clients a worker trains together in one forward pass over its base model (per-client adapter
+    # weights applied by batched matmuls): a gain on a GPU, where one client's batch is too small to
+    # fill it. Equal to one at a time without dropout; not with local DP-SGD.
+    clients_per_batch: int = 1
 
 
 @dataclass
@@ -337,6 +341,12 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < cfg.train.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
     _check(cfg.train.optimizer in OPTIMIZERS, "train.optimizer", f"'{cfg.train.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
     _check(cfg.train.optimizer == "sgd" or cfg.train.momentum == 0, "train.momentum", "only SGD uses it; set train.optimizer=sgd")
+    _check(cfg.train.clients_per_batch >= 1, "train.clients_per_batch", "must be >= 1")
+    _check(
+        cfg.train.clients_per_batch == 1 or cfg.privacy.mode != "local_dp_sgd",
+        "train.clients_per_batch",
+        "must be 1 with privacy.mode=local_dp_sgd (Opacus clips one model's per-sample gradients)",
+    )
     _check(cfg.train.weighting in WEIGHTINGS, "train.weighting", f"'{cfg.train.weighting}' is not one of {', '.join(WEIGHTINGS)}")
     _check(cfg.server.lr > 0, "server.lr", "must be > 0")
     _check(0 <= cfg.server.momentum < 1, "server.momentum", "must be in [0, 1)")

@@ -31,12 +31,19 @@ def test_overrides_apply_with_types():
         ("secagg.neighbors=1", "secagg.neighbors"),
         ("secagg.dropout_rate=1", "secagg.dropout_rate"),
         ("secagg.clip_range=0", "secagg.clip_range"),
+        ("train.clients_per_batch=0", "train.clients_per_batch"),
     ],
 )
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIG_DIR / "tiny.yaml", [override])
     assert str(err.value).startswith(key)
+
+
+def test_clients_per_batch_is_refused_with_local_dp_sgd():
+    with pytest.raises(ConfigError, match="^train.clients_per_batch: must be 1 with privacy.mode=local_dp_sgd"):
+        load_config(CONFIG_DIR / "tiny.yaml", ["train.clients_per_batch=4", "privacy.mode=local_dp_sgd", "privacy.noise_multiplier=1"])
+    assert load_config(CONFIG_DIR / "tiny.yaml", ["train.clients_per_batch=4", "privacy.mode=central_dp", "privacy.noise_multiplier=1", "privacy.clip_norm=0.1"])
 
 
 def test_label_proportions_need_one_row_per_client_summing_to_one():

@@ -98,6 +98,35 @@ def test_rebalancing_moves_clients_without_changing_the_run(tmp_path, privacy):
     assert moved_eps.to_pylist() == sticky_eps.to_pylist()
 
 
+def test_clients_trained_together_give_the_run_of_clients_trained_one_at_a_time(tmp_path):
+    """train.clients_per_batch puts a worker's clients through one forward pass, grouped by batch
+    size (some of these Dirichlet clients have fewer rows than a batch); without dropout the run is
+    the same as one client at a time."""
+    runs = {}
+    for per_batch in (1, 3):
+        cfg = tiny_config(
+            tmp_path / str(per_batch),
+            "clients.num=30",
+            "clients.per_round=12",
+            "rounds=2",
+            "train.optimizer=sgd",
+            "train.lr=0.1",
+            "model.config_overrides.hidden_dropout_prob=0",
+            "model.config_overrides.attention_probs_dropout_prob=0",
+            f"train.clients_per_batch={per_batch}",
+        )
+        with Simulation(cfg) as sim:
+            sizes = sim.client_sizes
+            sim.run(progress=False)
+            runs[per_batch] = (sim.global_adapter(), sim.metrics.column("train_loss").to_numpy())
+    assert min(sizes) < cfg.train.batch_size <= max(sizes)
+    (alone, alone_loss), (together, together_loss) = runs[1], runs[3]
+    assert max(float(np.abs(alone[k]).max()) for k in alone if ".lora_B." in k) > 1e-4  # B starts at zero; 100x the tolerance below
+    for k in alone:
+        np.testing.assert_allclose(together[k], alone[k], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(together_loss, alone_loss, rtol=1e-5)
+
+
 def test_existing_output_dir_is_not_overwritten(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.parquet").write_text("keep me")

@@ -20,6 +20,7 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
+from raysim.client_batch import local_train_stacked
 from raysim.data.loading import from_arrow
 from raysim.methods.common import lora_pairs
 from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_parameters
@@ -214,6 +215,7 @@ class ClientWorker:
         product_sum = {}
         weight_total, loss_sum, trained, privacy, steps_s = 0.0, 0.0, [], {}, 0.0
         masked, clipped = np.uint64(0), 0
+        eligible = []
         for cid in client_ids:
             if secure:
                 secrets = self.secagg_round.get(cid)
@@ -222,28 +224,17 @@ class ClientWorker:
                 if dropout_stage(self.cfg.seed, round_idx, cid, self.secagg.dropout_rate) == "before_input":
                     continue
                 secrets.received = inbox[cid]
+            eligible.append(cid)
+        for cid, loss, values, seconds in self._local_updates(eligible, start_state, train_cfg, round_idx, privacy):
             data = self._data(cid)
-            state = self._state(cid)
-            load_adapter(self.params, start_state)
-            swap_optimizer_state(self.optimizer, self.param_list, state.optimizer_state)
-            torch.manual_seed(step_seed(self.cfg.seed, round_idx, cid))
-            steps_started = time.perf_counter()
-            if self.dp:
-                loss, privacy[cid] = self._train_private(cid, data, state, train_cfg, round_idx)
-                if not privacy[cid]["trained"]:
-                    continue
-            else:
-                batches = shuffled_batches(state, data.lengths, train_cfg.batch_size, train_cfg.local_steps)
-                loss = local_train(self.model, self.optimizer, data, batches, self.device)
-            steps_s += time.perf_counter() - steps_started
-            state.optimizer_state = saved_optimizer_state(self.optimizer, self.param_list)
+            steps_s += seconds
             trained.append(cid)
             loss_sum += loss
             # Central DP bounds each client's contribution, so each counts once (DP-FedAvg).
             weight = float(len(data)) if train_cfg.weighting == "examples" and not central else 1.0
             weight_total += weight
             with torch.no_grad():
-                delta = {k: self.params[k] - start_state[k] for k in delta_sum}
+                delta = {k: values[k] - start_state[k] for k in delta_sum}
                 if self.dp and not any(bool(d.any()) for d in delta.values()):
                     raise RuntimeError(
                         f"client {cid}: DP-SGD left every trained tensor unchanged, so Opacus computed no "
@@ -261,8 +252,8 @@ class ClientWorker:
                     total.add_(delta[k], alpha=weight)
                 if want_products:
                     for prefix, (a, b) in self.pairs.items():
-                        a_mat = self.params[a] if a in self.params else self.frozen_a[a]
-                        product = self.params[b] @ a_mat
+                        a_mat = values[a] if a in values else self.frozen_a[a]
+                        product = values[b] @ a_mat
                         if prefix in product_sum:
                             product_sum[prefix].add_(product, alpha=weight)
                         else:
@@ -284,6 +275,61 @@ class ClientWorker:
             "product_sum": {k: v.cpu().numpy() for k, v in product_sum.items()},
         }
         return meta, payload
+
+    def _local_updates(self, client_ids: list[int], start_state: dict, train_cfg, round_idx: int, privacy: dict):
+        """(client, mean loss, trained tensors, seconds of local steps) for each client that
+        trained, from the global adapter: one client at a time, or ``train.clients_per_batch`` of
+        them in one forward pass. The tensors are only valid until the next item is asked for."""
+        per_batch = int(self.cfg.train.clients_per_batch)
+        if per_batch > 1:
+            yield from self._stacked_updates(client_ids, per_batch, start_state, train_cfg, round_idx)
+            return
+        for cid in client_ids:
+            data, state = self._data(cid), self._state(cid)
+            load_adapter(self.params, start_state)
+            swap_optimizer_state(self.optimizer, self.param_list, state.optimizer_state)
+            torch.manual_seed(step_seed(self.cfg.seed, round_idx, cid))
+            started = time.perf_counter()
+            if self.dp:
+                loss, privacy[cid] = self._train_private(cid, data, state, train_cfg, round_idx)
+                if not privacy[cid]["trained"]:
+                    continue
+            else:
+                batches = shuffled_batches(state, data.lengths, train_cfg.batch_size, train_cfg.local_steps)
+                loss = local_train(self.model, self.optimizer, data, batches, self.device)
+            seconds = time.perf_counter() - started
+            state.optimizer_state = saved_optimizer_state(self.optimizer, self.param_list)
+            yield cid, loss, self.params, seconds
+
+    def _stacked_updates(self, client_ids: list[int], per_batch: int, start_state: dict, train_cfg, round_idx: int):
+        """:meth:`_local_updates` for groups of up to ``per_batch`` clients with equally large
+        batches (a client with fewer rows than the batch size has smaller ones). A group's dropout
+        draws are seeded by its first client."""
+        by_batch_size: dict[int, list[int]] = {}
+        for cid in client_ids:
+            by_batch_size.setdefault(min(train_cfg.batch_size, len(self._data(cid))), []).append(cid)
+        optimizer_cfg = OmegaConf.merge(self.cfg.train, train_cfg)
+        for same_size in by_batch_size.values():
+            for at in range(0, len(same_size), per_batch):
+                group = same_size[at : at + per_batch]
+                data = [self._data(cid) for cid in group]
+                states = [self._state(cid) for cid in group]
+                batches = [list(shuffled_batches(s, d.lengths, train_cfg.batch_size, train_cfg.local_steps)) for s, d in zip(states, data)]
+                torch.manual_seed(step_seed(self.cfg.seed, round_idx, group[0]))
+                started = time.perf_counter()
+                results = local_train_stacked(
+                    self.model,
+                    lambda params: make_optimizer(optimizer_cfg, params),
+                    [start_state] * len(group),
+                    [state.optimizer_state for state in states],
+                    data,
+                    batches,
+                    self.device,
+                )
+                seconds = (time.perf_counter() - started) / len(group)
+                for cid, state, (loss, values, moments) in zip(group, states, results):
+                    state.optimizer_state = moments
+                    yield cid, loss, values, seconds
 
     def _masked_input(self, cid: int, round_idx: int, delta: dict[str, torch.Tensor], weight: float) -> tuple[np.ndarray, int]:
         """A client's update, weighted, encoded into the ring and masked: what it would send."""
