@@ -3,6 +3,7 @@
     python benchmarks/round_time.py                       # both configs, 5 rounds each
     python benchmarks/round_time.py --configs tiny --rounds 3 key=value ...
     python benchmarks/round_time.py --workers 1 2 4       # throughput against worker actors (1 CPU each)
+    python benchmarks/round_time.py --gpus 1 0.5 0.25     # 1, 2, 4 workers sharing one GPU
 
 Ray is started once, declaring at least as many CPUs as the most workers asked for (more workers
 than cores oversubscribe them, which is the point of measuring it); each config then reports its
@@ -40,6 +41,8 @@ def measure(config: str, rounds: int, overrides: list[str]) -> dict:
     return {
         "config": config,
         "workers": cfg.worker.count,
+        "num_gpus": cfg.worker.num_gpus,
+        "clients_per_batch": cfg.train.clients_per_batch,
         "clients": cfg.clients.num,
         "per_round": cfg.clients.per_round,
         "local_steps": cfg.train.local_steps,
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=["tiny", "quickstart"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", help="worker counts to compare (1 CPU each); default: each config's own")
+    parser.add_argument("--gpus", type=float, nargs="+", help="GPU shares per worker to compare: F gives 1/F workers on one GPU")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = parser.parse_args(argv)
@@ -65,18 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     ray.init(num_cpus=max([os.cpu_count() or 1, *(args.workers or [])]), include_dashboard=False, logging_level="ERROR")
     ray_start = time.perf_counter() - started
-    counts = [[f"worker.count={w}", "worker.num_cpus=1"] for w in args.workers] if args.workers else [[]]
+    counts = [[f"worker.count={w}", "worker.num_cpus=1"] for w in args.workers or []]
+    counts += [[f"worker.count={round(1 / f)}", "worker.num_cpus=1", f"worker.num_gpus={f}"] for f in args.gpus or []]
+    counts = counts or [[]]
     try:
         results = [measure(c, args.rounds, [*workers, *args.overrides]) for c in args.configs for workers in counts]
     finally:
         ray.shutdown()
 
     print(f"Ray start: {ray_start:.1f}s   (steady state = rounds 2..{args.rounds})")
-    header = f"{'config':<11}{'workers':>8}{'clients':>8}{'steps/rnd':>10}{'startup s':>10}{'round s':>9}{'train s':>9}{'eval s':>8}{'client-steps/s':>16}"
+    header = f"{'config':<11}{'workers':>8}{'GPUs':>6}{'K':>4}{'clients':>8}{'steps/rnd':>10}{'startup s':>10}{'round s':>9}{'train s':>9}{'eval s':>8}{'client-steps/s':>16}"
     print(header)
     for r in results:
         print(
-            f"{r['config']:<11}{r['workers']:>8}{r['clients']:>8}{r['per_round'] * r['local_steps']:>10}"
+            f"{r['config']:<11}{r['workers']:>8}{r['num_gpus']:>6g}{r['clients_per_batch']:>4}{r['clients']:>8}{r['per_round'] * r['local_steps']:>10}"
             f"{r['startup_s']:>10.1f}{r['round_s']:>9.2f}{r['train_s']:>9.2f}{r['eval_s']:>8.2f}{r['client_steps_per_s']:>16.1f}"
         )
     if args.json:

@@ -74,3 +74,12 @@ def test_flower_peer_runs_both_sides_on_a_small_workload(tmp_path):
     for side in ("raysim", "flower"):
         assert len(r[side]["round_s"]) == 2 and r[side]["end_to_end_s"] > r[side]["startup_s"] > 0
         assert r[side]["adapter_norm"] > 0
+
+
+def test_clients_per_batch_benchmark_trains_the_same_adapters_for_every_k(tmp_path):
+    out = tmp_path / "per_batch.json"
+    args = ["--configs", "tiny", "--per-batch", "1", "2", "--clients", "4", "--device", "cpu", "--json", str(out)]
+    assert _load("clients_per_batch").main([*args, "train.local_steps=2", "train.optimizer=sgd", "train.lr=0.1"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["clients_per_batch"] for r in rows] == [1, 2] and all(r["client_steps_per_s"] > 0 for r in rows)
+    assert rows[1]["max_difference_from_one_at_a_time"] < 1e-6 < 1e-4 < rows[1]["max_change"]
