@@ -106,7 +106,6 @@ def local_train_stacked(
     with stacked_clients(model, starts) as client_params:
         param_lists = [list(params.values()) for params in client_params]
         optimizer = make_optimizer([p for params in param_lists for p in params])
-        optimizer.state.clear()
         for params, saved in zip(param_lists, moments):
             swap_optimizer_state(optimizer, params, saved, clear=False)
         loss_sums = torch.zeros(clients, device=device)
