@@ -1,5 +1,6 @@
 """The Ray runtime on configs/tiny.yaml, checked against computations made here without Ray."""
 
+import json
 import os
 import subprocess
 import sys
@@ -175,6 +176,27 @@ def test_cli_runs_tiny_end_to_end(tmp_path):
     assert "round 2/2" in proc.stderr and "final test accuracy" in proc.stderr
     assert pq.read_table(out / "metrics.parquet").num_rows == 2
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "summary.json").exists()
+
+
+_MONITOR_PROBE = """
+import json, ray
+from raysim.runtime.simulation import stop_autoscaler_monitor
+ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+monitor = ray._private.worker._global_node.all_processes["monitor"][0].process
+alive = monitor.poll() is None
+stop_autoscaler_monitor()
+print(json.dumps({"alive_before": alive, "exit_code": monitor.wait(timeout=30), "ray_up": ray.is_initialized()}))
+ray.shutdown()
+"""
+
+
+def test_a_ray_started_here_has_its_autoscaler_monitor_stopped_before_shutdown():
+    """In a fresh process, as `raysim run` starts Ray: the monitor goes while Ray is still up."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-c", _MONITOR_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["alive_before"] and probe["exit_code"] is not None and probe["ray_up"]
 
 
 def test_bad_data_fails_before_anything_is_written(tmp_path):
