@@ -50,7 +50,7 @@ def workload(clients: int, output_dir: str, *overrides: str):
     from raysim.config import CONFIG_DIR
 
     sys.path.insert(0, str(HERE))
-    from overhead import WORKLOAD
+    from workload import WORKLOAD
 
     return load_config(CONFIG_DIR / "tiny.yaml", [*WORKLOAD, f"clients.num={clients}", f"output_dir={output_dir}", "overwrite=true", *overrides])
 

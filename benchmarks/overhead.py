@@ -46,21 +46,8 @@ from raysim.training import (
     step_seed,
     swap_optimizer_state,
 )
+from workload import WORKLOAD
 
-WORKLOAD = [
-    "data.partition=iid",
-    "data.max_rows=0",
-    "data.max_length=64",
-    "clients.per_round=10",
-    "train.local_steps=10",
-    "train.batch_size=16",
-    "train.optimizer=sgd",
-    "train.lr=0.05",
-    "eval.every=1000000",
-    "eval.aggregation_error=false",
-    "worker.count=2",
-    "worker.num_cpus=1",
-]
 
 
 def bare_loop(cfg, rounds: int, threads: int) -> dict:
