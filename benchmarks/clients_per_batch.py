@@ -28,7 +28,8 @@ from raysim.client_batch import local_train_stacked
 from raysim.config import CONFIG_DIR
 from raysim.data.loading import from_arrow
 from raysim.data.prepare import prepare
-from raysim.model import build_model, load_tokenizer, trainable_parameters
+from raysim.data.tokenizer import load_tokenizer
+from raysim.model import build_model, trainable_parameters
 from raysim.training import ClientData, ClientState, load_adapter, local_train, make_optimizer, shuffled_batches, swap_optimizer_state
 
 NO_DROPOUT = ["lora.dropout=0", "model.config_overrides.hidden_dropout_prob=0", "model.config_overrides.attention_probs_dropout_prob=0"]

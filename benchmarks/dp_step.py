@@ -26,7 +26,8 @@ from raysim import load_config
 from raysim.config import CONFIG_DIR
 from raysim.data.loading import from_arrow
 from raysim.data.prepare import prepare
-from raysim.model import build_model, load_tokenizer, trainable_parameters
+from raysim.data.tokenizer import load_tokenizer
+from raysim.model import build_model, trainable_parameters
 from raysim.privacy.local_dp import DPSGD, poisson_batch, sample_rate
 from raysim.training import ClientData, ClientState, local_train, make_optimizer, shuffled_batches
 

@@ -77,7 +77,8 @@ def _resident(clients: int, output_dir: str):
 
     from raysim.data.loading import from_arrow
     from raysim.data.prepare import prepare
-    from raysim.model import build_model, load_tokenizer, trainable_parameters
+    from raysim.data.tokenizer import load_tokenizer
+    from raysim.model import build_model, trainable_parameters
     from raysim.training import ClientData, make_optimizer
 
     torch.set_num_threads(1)

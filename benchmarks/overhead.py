@@ -33,7 +33,8 @@ from raysim import Simulation, load_config
 from raysim.config import CONFIG_DIR
 from raysim.data.loading import from_arrow
 from raysim.data.prepare import prepare
-from raysim.model import adapter_state, build_model, frozen_lora_a, load_tokenizer, trainable_parameters
+from raysim.data.tokenizer import load_tokenizer
+from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_parameters
 from raysim.runtime.server import Server
 from raysim.training import (
     ClientData,
@@ -47,7 +48,6 @@ from raysim.training import (
     swap_optimizer_state,
 )
 from workload import WORKLOAD
-
 
 
 def bare_loop(cfg, rounds: int, threads: int) -> dict:

@@ -35,13 +35,8 @@ def _quiet():
         transformers.logging.enable_progress_bar()
 
 
-def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    return _load("a tokenizer from", name_or_path, lambda: AutoTokenizer.from_pretrained(name_or_path))
-
-
-def _load(what: str, name: str, load):
+def quiet_load(what: str, name: str, load):
+    """``load()`` without transformers' load reports; its errors as a UserError naming model.name_or_path."""
     try:
         with _quiet():
             return load()
@@ -66,19 +61,6 @@ def _wrap_lora(cfg, model: torch.nn.Module) -> torch.nn.Module:
         raise UserError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
 
 
-def check_model(cfg, num_labels: int) -> None:
-    """Build the architecture without weights (torch's meta device) and wrap it with the LoRA
-    config, so a bad model name, config override or target module fails on the driver in a second,
-    before any actor starts."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    name = cfg.model.name_or_path
-    config = _load("a model config from", name, lambda: AutoConfig.from_pretrained(name, num_labels=num_labels, **cfg.model.config_overrides))
-    with torch.device("meta"):
-        model = _load("a model from", name, lambda: AutoModelForSequenceClassification.from_config(config))
-    _wrap_lora(cfg, model)
-
-
 def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The base model (frozen) wrapped by PEFT LoRA, on ``device``, in train mode.
 
@@ -92,10 +74,10 @@ def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> tor
     overrides = dict(cfg.model.config_overrides)
     torch.manual_seed(cfg.seed)  # same random base weights and head everywhere
     if cfg.model.init == "random":
-        config = _load("a model config from", name, lambda: AutoConfig.from_pretrained(name, num_labels=num_labels, **overrides))
-        model = _load("a model from", name, lambda: AutoModelForSequenceClassification.from_config(config))
+        config = quiet_load("a model config from", name, lambda: AutoConfig.from_pretrained(name, num_labels=num_labels, **overrides))
+        model = quiet_load("a model from", name, lambda: AutoModelForSequenceClassification.from_config(config))
     else:
-        model = _load("a model from", name, lambda: AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **overrides))
+        model = quiet_load("a model from", name, lambda: AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **overrides))
     model.to(device)  # before get_peft_model, so adapter tensors are created on the device
     model = _wrap_lora(cfg, model)
     with torch.no_grad():

@@ -11,7 +11,8 @@ from raysim.config import CONFIG_DIR, load_config
 from raysim.data.loading import from_arrow
 from raysim.data.prepare import prepare
 from raysim.methods.common import lora_products, relative_aggregation_error
-from raysim.model import adapter_state, build_model, frozen_lora_a, load_tokenizer, trainable_parameters
+from raysim.data.tokenizer import load_tokenizer
+from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_parameters
 from raysim.training import ClientData, ClientState, load_adapter, local_train, make_optimizer, shuffled_batches, step_seed
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -229,7 +229,7 @@ ray.init(address=cluster.address, logging_level="ERROR")
 @ray.remote
 class Probe:
     def where(self):
-        from raysim.runtime.worker import actor_device
+        from raysim.runtime.host import actor_device
         ctx = ray.get_runtime_context()
         return [ctx.get_node_id(), ctx.get_accelerator_ids()["GPU"], os.environ.get("CUDA_VISIBLE_DEVICES"), str(actor_device())]
 

@@ -142,7 +142,7 @@ def test_assign_clients_balances_counts_and_sizes():
 def test_prepare_counts_dropped_rows_in_the_log(tmp_path, caplog):
     from conftest import tiny_config
     from raysim.data.prepare import prepare
-    from raysim.model import load_tokenizer
+    from raysim.data.tokenizer import load_tokenizer
 
     rows = [("good day", "pos"), ("bad day", "neg")] * 20 + [("", "pos"), ("   ", "neg"), ("ok", "maybe"), ("hm", "")]
     path = tmp_path / "mine.csv"
@@ -179,18 +179,49 @@ def test_balance_evens_out_a_round_with_the_fewest_moves():
         assert len(moves) == fewest
 
 
-def test_tokenize_matches_the_transformers_call():
-    from raysim.config import load_config, CONFIG_DIR
-    from raysim.data.loading import tokenize
-    from raysim.model import load_tokenizer
+def _transformers_ids(path, texts, max_length):
+    from transformers import AutoTokenizer
 
-    tokenizer = load_tokenizer(load_config(CONFIG_DIR / "tiny.yaml").model.name_or_path)
+    hf = AutoTokenizer.from_pretrained(path)
+    return hf(texts, truncation=True, max_length=max_length)["input_ids"], hf.pad_token_id
+
+
+def test_tokenize_gives_transformers_ids_on_every_tweet():
+    """raysim reads tokenizer.json without transformers; AutoTokenizer is the independent reference."""
+    from raysim.config import minilm_path
+    from raysim.data.loading import tokenize
+    from raysim.data.tokenizer import load_tokenizer
+
     texts = ["good day", "a much longer tweet that goes on and on " * 5, "émoji 🙂 and\tunicode", "x"]
+    texts += [str(t) for t in read_table(tweets_path()).column("text").to_pylist()]
+    tokenizer = load_tokenizer(minilm_path())
     for max_length in (8, 64):
         ids, lengths = tokenize(tokenizer, texts, max_length)
-        expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        expected, pad = _transformers_ids(minilm_path(), texts, max_length)
         assert [list(row[:n]) for row, n in zip(ids, lengths)] == expected
         assert max(lengths) == min(max_length, max(len(e) for e in expected))
+        assert tokenizer.pad_token_id == pad and (ids[lengths < ids.shape[1], -1] == pad).all()
+
+
+def test_a_model_without_tokenizer_json_is_tokenized_by_transformers(tmp_path):
+    import shutil
+
+    from raysim.config import minilm_path
+    from raysim.data.tokenizer import load_tokenizer
+
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(f"{minilm_path()}/{name}", tmp_path / name)
+    texts = ["good day", "émoji 🙂 and\tunicode"]
+    expected, pad = _transformers_ids(tmp_path, texts, 16)
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert tokenizer(texts, 16) == expected and tokenizer.pad_token_id == pad
+
+
+def test_a_missing_tokenizer_names_the_key(tmp_path):
+    from raysim.data.tokenizer import load_tokenizer
+
+    with pytest.raises(UserError, match=f"model.name_or_path: cannot load a tokenizer from '{tmp_path}'"):
+        load_tokenizer(str(tmp_path))
 
 
 def test_dirichlet_gives_every_client_examples_even_when_draws_leave_some_empty():

@@ -13,7 +13,7 @@ from opacus.accountants import RDPAccountant
 from raysim import Simulation, load_config
 from raysim.config import CONFIG_DIR
 from raysim.data.prepare import prepare
-from raysim.model import load_tokenizer
+from raysim.data.tokenizer import load_tokenizer
 
 from conftest import tiny_config
 

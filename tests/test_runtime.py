@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from raysim import Simulation, UserError
+from raysim.config import CONFIG_DIR
 
 from conftest import expected_round, round_killing_a_worker, tiny_config
 
@@ -197,6 +198,31 @@ def test_a_ray_started_here_has_its_autoscaler_monitor_stopped_before_shutdown()
     assert proc.returncode == 0, proc.stderr[-2000:]
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     assert probe["alive_before"] and probe["exit_code"] is not None and probe["ray_up"]
+
+
+_DRIVER_MODULES = """
+import sys
+from raysim import Simulation, load_config
+cfg = load_config("configs/tiny.yaml", sys.argv[1:])
+with Simulation(cfg) as sim:
+    owners = dict(sim.client_worker)
+    sim.run(progress=False)
+    sim.save_checkpoint()
+    sim.write_summary(sim.evaluate())
+    sim.save_adapter()
+    moved = owners != sim.client_worker
+print(moved, sorted(m for m in ("torch", "transformers", "peft", "opacus") if m in sys.modules))
+"""
+
+
+def test_the_driver_never_imports_torch(tmp_path):
+    """Workers import torch, transformers and PEFT; the driver must not, or at start-up its imports
+    compete with theirs for the CPUs (and its exit takes longer). A whole run as `raysim run`
+    makes it, with clients moved between workers and a checkpoint."""
+    args = ["clients.num=12", "clients.per_round=6", "rounds=4", f"output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-c", _DRIVER_MODULES, *args], capture_output=True, text=True, cwd=CONFIG_DIR.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True []"
 
 
 def test_bad_data_fails_before_anything_is_written(tmp_path):

@@ -18,6 +18,7 @@ import pyarrow.json
 import pyarrow.parquet
 
 from raysim.config import UserError
+from raysim.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -95,27 +96,14 @@ def split_indices(
     }
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids padded to the longest row (int32, shape [n, L]) and each row's true length.
 
     Done once, on the driver; batches are later trimmed to their own longest row.
     """
-    texts = list(texts)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    else:
-        # A fast tokenizer's Rust core, called directly: the same ids as
-        # tokenizer(texts, truncation=True, max_length=...) in half the time (no Python objects per row).
-        from tokenizers import Tokenizer
-
-        core = Tokenizer.from_str(backend.to_str())
-        core.no_padding()
-        core.enable_truncation(max_length)
-        encode = getattr(core, "encode_batch_fast", core.encode_batch)
-        encoded = [e.ids for e in encode(texts)]
+    encoded = tokenizer(texts, max_length)
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int32, count=len(encoded))
-    ids = np.full((len(encoded), int(lengths.max())), tokenizer.pad_token_id or 0, dtype=np.int32)
+    ids = np.full((len(encoded), int(lengths.max())), tokenizer.pad_token_id, dtype=np.int32)
     for row, seq in enumerate(encoded):
         ids[row, : len(seq)] = seq
     return ids, lengths

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-import torch.nn as nn
 
 from raysim.privacy.accounting import solve_noise_multiplier
+
+if TYPE_CHECKING:  # the driver plans noise with this module and has no use for torch
+    import torch
+    import torch.nn as nn
 
 # Clients' sampling rates are rounded up to this geometric grid before solving for noise, so a
 # thousand clients of different sizes need a few dozen solves; rounding q up is conservative.
@@ -57,6 +59,7 @@ class DPSGD:
     """Opacus DP-SGD over a resident model: ``loss`` to compute the loss, ``optimizer`` to step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float, grad_sample_mode: str = "hooks"):
+        import torch.nn as nn
         from opacus.grad_sample.utils import prepare_module
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping

@@ -32,13 +32,14 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from raysim.checkpoint import check_resumable, find_checkpoint, read_checkpoint, write_checkpoint
 from raysim.config import ConfigError, UserError, from_dict, load_config, to_yaml
 from raysim.data.prepare import DataPlan, plan_data, split_for_workers, tokenize_plan
-from raysim.model import check_model, load_tokenizer
+from raysim.data.tokenizer import Tokenizer, load_tokenizer
 from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
 from raysim.runtime.placement import assign_clients, balance, workers_that_fit
 from raysim.runtime.server import Server
 from raysim.runtime.worker import ClientWorker
 from raysim.secagg.encoding import ring_bits
 from raysim.secagg.protocol import SecAggAborted
+from raysim.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("raysim")
 
@@ -128,9 +129,11 @@ class Simulation:
         self._owns_ray = self._started_ray = False
         self._checkpointed_round = -1
         self._tensorboard = None
+        self.ray_start_s = 0.0  # ray.init's share of startup_s; 0 where Ray was already up
 
-        # Everything a user can get wrong in the model or data fails here, before any output. The
-        # checks run while Ray starts (its start is mostly waiting on its own processes).
+        # Everything a user can get wrong in the data, tokenizer or privacy plan fails here, while
+        # Ray starts (its start is mostly waiting on its own processes); the model fails as the
+        # workers build it. Nothing is written before both have passed.
         with ThreadPoolExecutor(1) as pool:
             checked = pool.submit(self._check_inputs)
             self._init_ray()
@@ -142,8 +145,6 @@ class Simulation:
                 raise
         if saved:
             self.budget.load_state_dict(saved["budget"])
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
         # The actors start now: importing torch and transformers takes a worker several seconds,
         # while the driver tokenizes the data.
@@ -198,6 +199,8 @@ class Simulation:
             self.shutdown()
             raise _user_error_in(err) or err
         devices = sorted({r["device"] for r in ready})
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
         ray.get(self.server.initialize.remote(initial, frozen_a))
         if saved:
             self._restore(saved)
@@ -205,7 +208,7 @@ class Simulation:
         self.sent_values_per_client = int(sum(v.size for v in initial.values()))
         self.startup_s = time.perf_counter() - started
         log.info(
-            "%d workers (%s) host %d clients; method %s sends %d tensors (%.1f KiB) per client; ready in %.1fs",
+            "%d workers (%s) host %d clients; method %s sends %d tensors (%.1f KiB) per client; ready in %.1fs%s",
             num_workers,
             ", ".join(devices),
             self.cfg.clients.num,
@@ -213,6 +216,7 @@ class Simulation:
             len(initial),
             self.sent_bytes_per_client / 1024,
             self.startup_s,
+            f" (Ray's start {self.ray_start_s:.1f}s)" if self.ray_start_s else "",
         )
         hint = gpu_hint(devices, self.cfg)
         if hint:
@@ -279,12 +283,11 @@ class Simulation:
         log.info("checkpoint of round %d: %s", self.round, path)
         return path
 
-    def _check_inputs(self) -> tuple[Any, DataPlan]:
-        """Load the tokenizer, plan the data, build the model's skeleton and plan the privacy
-        budget: (tokenizer, data plan). Raises UserError (or ConfigError) naming what is wrong."""
+    def _check_inputs(self) -> tuple[Tokenizer, DataPlan]:
+        """Load the tokenizer, plan the data and the privacy budget: (tokenizer, data plan).
+        Raises UserError (or ConfigError) naming what is wrong."""
         tokenizer = load_tokenizer(self.cfg.model.name_or_path)
         plan = plan_data(self.cfg)
-        check_model(self.cfg, len(plan.label_names))
         self.label_names = plan.label_names
         self.client_sizes = plan.client_sizes
         self.budget = self._plan_privacy()
@@ -325,8 +328,10 @@ class Simulation:
     def _init_ray(self) -> None:
         if ray.is_initialized():
             return
+        started = time.perf_counter()
         self._started_ray = start_ray(self.cfg)
         self._owns_ray = True
+        self.ray_start_s = time.perf_counter() - started
 
     def _reload(self, w: int, timeout_s: float = 300.0) -> None:
         """After a worker died: wait until Ray has restarted it, then hand it its data again. Its
@@ -618,16 +623,14 @@ class Simulation:
         installed. A resumed run first purges the events of rounds it is about to redo."""
         if self._tensorboard is None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                self._tensorboard = TensorBoardLog(self.output_dir / "tensorboard", purge_step=row["round"])
             except ImportError:
                 self._tensorboard = False
             else:
-                self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=row["round"])
                 log.info("TensorBoard: tensorboard --logdir %s", self.output_dir / "tensorboard")
         if self._tensorboard:
-            for key, value in row.items():
-                if key != "round" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tensorboard.add_scalar(key, value, row["round"])
+            scalars = {k: float(v) for k, v in row.items() if k != "round" and isinstance(v, (int, float)) and math.isfinite(v)}
+            self._tensorboard.add_scalars(row["round"], scalars, time.time())
             self._tensorboard.flush()
 
     def global_adapter(self) -> dict[str, np.ndarray]:
@@ -661,6 +664,7 @@ class Simulation:
             "uplink_bytes": int(sum(r["uplink_bytes"] for r in rows)),
             "downlink_bytes": int(sum(r["downlink_bytes"] for r in rows)),
             "startup_s": round(self.startup_s, 3),
+            "ray_start_s": round(self.ray_start_s, 3),
             "rounds_wall_s": round(sum(r["wall_s"] for r in rows), 3),
             "privacy": self.budget.summary(),
             "secagg": {"enabled": self.secure, "aborted_rounds": sum(bool(r.get("secagg_aborted")) for r in rows)},
