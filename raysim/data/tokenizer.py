@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-
 class Tokenizer:
     """Token ids for texts, truncated to a maximum length; and the id padding takes."""
 
