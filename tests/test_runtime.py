@@ -223,6 +223,36 @@ def test_the_driver_never_imports_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _DRIVER_MODULES, *args], capture_output=True, text=True, cwd=CONFIG_DIR.parent, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "True []"
+    assert "tokenizing again with AutoTokenizer" not in proc.stderr  # MiniLM's tokenizer.json is used as it is
+
+
+def test_a_tokenizer_json_that_transformers_adjusts_is_replaced_by_autotokenizer(tmp_path, caplog):
+    """transformers 5 lowercases BERT's input when tokenizer_config.json says do_lower_case, whatever
+    tokenizer.json says; the driver reads only the file, so worker 0's check must catch it."""
+    import shutil
+
+    import ray
+    from transformers import AutoTokenizer
+
+    from raysim.config import minilm_path
+    from raysim.data.loading import from_arrow
+    from raysim.data.prepare import plan_data
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(f"{minilm_path()}/{name}", model / name)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["normalizer"]["lowercase"] = False
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = tiny_config(tmp_path, f"model.name_or_path={model}")
+    with caplog.at_level("WARNING", logger="raysim"), Simulation(cfg) as sim:
+        ids, lengths, _ = from_arrow(ray.get(sim._shards_ref)[0])
+    assert "tokenizing again with AutoTokenizer" in caplog.text
+    plan = plan_data(cfg)
+    texts = [plan.texts[i] for i in np.concatenate(plan.parts)]
+    expected = AutoTokenizer.from_pretrained(model)(texts, truncation=True, max_length=cfg.data.max_length)["input_ids"]
+    assert [list(row[:n]) for row, n in zip(ids, lengths)] == expected
 
 
 def test_bad_data_fails_before_anything_is_written(tmp_path):

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from raysim.client_batch import local_train_stacked
 from raysim.data.loading import from_arrow
 from raysim.methods.common import lora_pairs
-from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_parameters
+from raysim.model import adapter_state, build_model, frozen_lora_a, quiet_load, trainable_parameters
 from raysim.privacy.central_dp import clip_update
 from raysim.secagg.encoding import encode_update, ring_bits, ring_mask
 from raysim.secagg.protocol import ClientRound, advertise, dropout_stage, masked_input, share_keys, unmask
@@ -164,6 +164,21 @@ class ClientHost:
         for cid, values in states.items():
             self.states[cid] = ClientState.from_dict(values, self.device, make_accountant)
         return len(states)
+
+    def tokenizer_mismatch(self, texts: list[str], ids: list[list[int]], pad_token_id: int, max_length: int) -> str | None:
+        """How the driver's tokenization (``ids``, ``pad_token_id``) differs from transformers'
+        AutoTokenizer on ``texts``, or None where it does not."""
+        from transformers import AutoTokenizer
+
+        name = self.cfg.model.name_or_path
+        hf = quiet_load("a tokenizer from", name, lambda: AutoTokenizer.from_pretrained(name))
+        expected = hf(texts, truncation=True, max_length=max_length)["input_ids"]
+        for i, (want, got) in enumerate(zip(expected, ids)):
+            if list(got) != want:
+                return f"{texts[i]!r} gives {list(got)}, AutoTokenizer {want}"
+        if (hf.pad_token_id or 0) != pad_token_id:
+            return f"pad token id {pad_token_id}, AutoTokenizer's {hf.pad_token_id}"
+        return None
 
     def ready(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "clients": len(self.offsets) - 1}

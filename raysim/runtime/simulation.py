@@ -44,6 +44,7 @@ from raysim.tensorboard_log import TensorBoardLog
 log = logging.getLogger("raysim")
 
 _TRAIN_KEYS = ("lr", "lr_decay", "local_steps", "batch_size", "weighting")
+_TOKENIZER_SAMPLE = 256  # rows a worker tokenizes with AutoTokenizer to check the driver's tokenizer
 
 
 def _check_output_dir(cfg: DictConfig, resumed_run: Path | None) -> Path:
@@ -170,7 +171,21 @@ class Simulation:
         self.server = ray.remote(num_cpus=0)(self.server_class).remote(
             self.cfg.method, self.cfg.seed, self.cfg.clients.num, self.cfg.server.lr, self.cfg.server.momentum, central_dp, secagg
         )
-        data = tokenize_plan(plan, tokenizer, self.cfg.data.max_length)
+        max_length = self.cfg.data.max_length
+        check = None
+        if tokenizer.from_file:  # worker 0 compares a sample with AutoTokenizer once it has started
+            sample = plan.texts[:: max(1, len(plan.texts) // _TOKENIZER_SAMPLE)][:_TOKENIZER_SAMPLE]
+            check = self.workers[0].tokenizer_mismatch.remote(sample, tokenizer(sample, max_length), tokenizer.pad_token_id, max_length)
+        data = tokenize_plan(plan, tokenizer, max_length)
+        if check is not None:
+            try:
+                mismatch = ray.get(check)
+            except (ray.exceptions.RayTaskError, RayActorError) as err:  # e.g. a model worker 0 cannot build
+                self.shutdown()
+                raise _user_error_in(err) or err
+            if mismatch:
+                log.warning("data: transformers adjusts this model's tokenizer.json (%s); tokenizing again with AutoTokenizer", mismatch)
+                data = tokenize_plan(plan, load_tokenizer(self.cfg.model.name_or_path, read_file=False), max_length)
         # Each client's owner: the worker holding its local state (see raysim.runtime.placement).
         self.client_worker = {c: w for w, group in enumerate(assign_clients(self.client_sizes, num_workers)) for c in group}
         if saved and saved["workers"] == num_workers:

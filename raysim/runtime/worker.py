@@ -20,6 +20,9 @@ class ClientWorker:
     def load(self, *args):
         return self.host.load(*args)
 
+    def tokenizer_mismatch(self, texts: list[str], ids: list[list[int]], pad_token_id: int, max_length: int) -> str | None:
+        return self.host.tokenizer_mismatch(texts, ids, pad_token_id, max_length)
+
     def ready(self) -> dict:
         return self.host.ready()
 
