@@ -1,5 +1,5 @@
-"""Start-up of `raysim run configs/tiny.yaml`: from the process's start to the first round, and
-how much of it is Ray's own start.
+"""Start-up of `raysim run configs/tiny.yaml`: from the process's start to the first round, how
+much of it is Ray's own start, and how much a bare Ray program needs for the same imports.
 
     python benchmarks/startup.py --repeats 5 --clients 10 1000 --json FILE
 
@@ -7,6 +7,12 @@ Each run is a fresh Python process that does what `raysim run` does before its f
 import raysim, read the config, and build the Simulation, which starts a local Ray (2 CPUs, no
 dashboard) and its actors. ``ray_start_s`` is ray.init's share (``Simulation.ray_start_s``); the
 issue's goal is on what is left, ``beyond_ray_s``. The median over the repeats is reported.
+
+The floor: each repeat also runs, in turn with raysim's, a bare Ray program with the same
+``ray.init`` and as many actors as tiny.yaml's workers, whose constructors only import torch, PEFT
+and the model's transformers class, as any Ray program fine-tuning it must. Its ``beyond_ray_s``
+is what Ray's actors and those libraries cost on the machine at that hour; raysim's own start-up is
+the difference (``raysim_own_s``). Alternating the two keeps a slower hour from biasing either.
 """
 
 from __future__ import annotations
@@ -38,20 +44,64 @@ def one(clients: int) -> dict:
     return {"clients": clients, "ready_s": ready, "ray_start_s": ray_start, "beyond_ray_s": ready - ray_start}
 
 
+def floor(workers: int) -> dict:
+    """In a fresh process: the same ray.init as raysim's, then ``workers`` actors that only import
+    the libraries (tiny.yaml's model is a BERT)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Importer:
+        def __init__(self):
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+            from transformers import BertForSequenceClassification  # noqa: F401
+
+        def ready(self) -> bool:
+            return True
+
+    started = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray_start = time.perf_counter() - started
+    actors = [Importer.remote() for _ in range(workers)]
+    ray.get([a.ready.remote() for a in actors])
+    ready = time.perf_counter() - PROCESS_START
+    ray.shutdown()
+    return {"ready_s": ready, "ray_start_s": ray_start, "beyond_ray_s": ready - ray_start}
+
+
+def _fresh(*args: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.json"
+        command = [sys.executable, __file__, *args, "--json", str(out)]
+        done = subprocess.run(command, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"start-up run failed:\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
 def measure(clients: list[int], repeats: int) -> list[dict]:
+    from raysim.config import CONFIG_DIR, load_config
+
+    workers = int(load_config(CONFIG_DIR / "tiny.yaml").worker.count)
     results = []
     for n in clients:
-        runs = []
+        runs, floors = [], []
         for _ in range(repeats):
-            with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "run.json"
-                command = [sys.executable, __file__, "--one", str(n), "--json", str(out)]
-                done = subprocess.run(command, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"start-up run failed:\n{done.stderr[-3000:]}")
-                runs.append(json.loads(out.read_text()))
+            runs.append(_fresh("--one", str(n)))
+            floors.append(_fresh("--floor", str(workers)))
         summary = {key: median(r[key] for r in runs) for key in ("ready_s", "ray_start_s", "beyond_ray_s")}
-        results.append({"clients": n, "repeats": repeats, **summary, "runs": runs})
+        floor_beyond = median(f["beyond_ray_s"] for f in floors)
+        results.append(
+            {
+                "clients": n,
+                "repeats": repeats,
+                **summary,
+                "floor_beyond_ray_s": floor_beyond,
+                "raysim_own_s": summary["beyond_ray_s"] - floor_beyond,
+                "runs": runs,
+                "floor_runs": floors,
+            }
+        )
     return results
 
 
@@ -61,14 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.one:
-        args.json.write_text(json.dumps(one(args.one)))
+    if args.one or args.floor:
+        args.json.write_text(json.dumps(one(args.one) if args.one else floor(args.floor)))
         return 0
     results = measure(args.clients, args.repeats)
-    print(f"{'clients':>8}{'ready s':>10}{'Ray start s':>13}{'beyond Ray s':>14}   (medians of {args.repeats})")
+    print(f"{'clients':>8}{'ready s':>10}{'Ray start s':>13}{'beyond Ray s':>14}{'floor s':>10}{'raysim own s':>14}   (medians of {args.repeats})")
     for r in results:
-        print(f"{r['clients']:>8}{r['ready_s']:>10.2f}{r['ray_start_s']:>13.2f}{r['beyond_ray_s']:>14.2f}")
+        print(
+            f"{r['clients']:>8}{r['ready_s']:>10.2f}{r['ray_start_s']:>13.2f}{r['beyond_ray_s']:>14.2f}"
+            f"{r['floor_beyond_ray_s']:>10.2f}{r['raysim_own_s']:>14.2f}"
+        )
     if args.json:
         args.json.write_text(json.dumps({"results": results}, indent=2) + "\n")
     return 0

@@ -89,10 +89,13 @@ def test_clients_per_batch_benchmark_trains_the_same_adapters_for_every_k(tmp_pa
     assert rows[1]["max_difference_from_one_at_a_time"] < 1e-6 < 1e-4 < rows[1]["max_change"]
 
 
-def test_startup_reports_ray_start_apart(tmp_path):
+def test_startup_reports_ray_start_and_the_floor_apart(tmp_path):
     out = tmp_path / "startup.json"
     assert _load("startup").main(["--clients", "10", "--repeats", "1", "--json", str(out)]) == 0
     (result,) = json.loads(out.read_text())["results"]
     (run,) = result["runs"]
+    (floor,) = result["floor_runs"]
     assert result["clients"] == 10 and run["ready_s"] > run["ray_start_s"] > 0
     assert run["beyond_ray_s"] == run["ready_s"] - run["ray_start_s"]
+    assert floor["ready_s"] > floor["ray_start_s"] > 0
+    assert result["raysim_own_s"] == run["beyond_ray_s"] - floor["beyond_ray_s"]
