@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from raysim.checkpoint import check_resumable, find_checkpoint, read_checkpoint, write_checkpoint
 from raysim.config import ConfigError, UserError, from_dict, load_config, to_yaml
-from raysim.data.prepare import DataPlan, PreparedData, plan_data, split_for_workers, tokenize_plan
+from raysim.data.prepare import DataPlan, plan_data, split_for_workers, tokenize_plan
 from raysim.data.tokenizer import Tokenizer, load_tokenizer
 from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
 from raysim.runtime.placement import assign_clients, balance, workers_that_fit
@@ -45,13 +45,6 @@ log = logging.getLogger("raysim")
 
 _TRAIN_KEYS = ("lr", "lr_decay", "local_steps", "batch_size", "weighting")
 _TOKENIZER_SAMPLE = 256  # rows a worker tokenizes with AutoTokenizer to check the driver's tokenizer
-
-
-def _tokenized(checked: Future, max_length: int) -> PreparedData:
-    """The clients' shards and evaluation sets, once ``checked`` (the tokenizer and the data plan)
-    has passed."""
-    tokenizer, plan = checked.result()
-    return tokenize_plan(plan, tokenizer, max_length)
 
 
 def _check_output_dir(cfg: DictConfig, resumed_run: Path | None) -> Path:
@@ -141,24 +134,21 @@ class Simulation:
 
         # Everything a user can get wrong in the data, tokenizer or privacy plan fails here, while
         # Ray starts (its start is mostly waiting on its own processes); the model fails as the
-        # workers build it. Nothing is written before both have passed. The data is tokenized on
-        # the same thread, so that too runs beside Ray's start rather than beside the workers'.
-        inputs = ThreadPoolExecutor(1, thread_name_prefix="raysim-inputs")
-        checked = inputs.submit(self._check_inputs)
-        tokenized = inputs.submit(_tokenized, checked, self.cfg.data.max_length)
-        inputs.shutdown(wait=False)
-        try:
+        # workers build it. Nothing is written before both have passed.
+        with ThreadPoolExecutor(1) as pool:
+            checked = pool.submit(self._check_inputs)
             self._init_ray()
-            tokenizer, plan = checked.result()
-            num_workers = min(self._worker_count(), self.cfg.clients.num)
-        except UserError:
-            tokenized.cancel()
-            self.shutdown()
-            raise
+            try:
+                tokenizer, plan = checked.result()
+                num_workers = min(self._worker_count(), self.cfg.clients.num)
+            except UserError:
+                self.shutdown()
+                raise
         if saved:
             self.budget.load_state_dict(saved["budget"])
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        # The actors start now: importing torch and transformers takes a worker several seconds.
+        # The actors start now: importing torch and transformers takes a worker several seconds,
+        # while the driver tokenizes the data.
         self.workers = [
             ClientWorker.options(**worker_options(self.cfg.worker)).remote(resolved, w, len(self.label_names))
             for w in range(num_workers)
@@ -182,11 +172,11 @@ class Simulation:
             self.cfg.method, self.cfg.seed, self.cfg.clients.num, self.cfg.server.lr, self.cfg.server.momentum, central_dp, secagg
         )
         max_length = self.cfg.data.max_length
-        data = tokenized.result()  # before the tokenizer is used here: one thread at a time may use it
         check = None
         if tokenizer.from_file:  # worker 0 compares a sample with AutoTokenizer once it has started
             sample = plan.texts[:: max(1, len(plan.texts) // _TOKENIZER_SAMPLE)][:_TOKENIZER_SAMPLE]
             check = self.workers[0].tokenizer_mismatch.remote(sample, tokenizer(sample, max_length), tokenizer.pad_token_id, max_length)
+        data = tokenize_plan(plan, tokenizer, max_length)
         if check is not None:
             try:
                 mismatch = ray.get(check)
