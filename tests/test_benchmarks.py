@@ -99,3 +99,4 @@ def test_startup_reports_ray_start_and_the_floor_apart(tmp_path):
     assert run["beyond_ray_s"] == run["ready_s"] - run["ray_start_s"]
     assert floor["ready_s"] > floor["ray_start_s"] > 0
     assert result["raysim_own_s"] == run["beyond_ray_s"] - floor["beyond_ray_s"]
+    assert result["ray_start_extra_s"] == run["ray_start_s"] - floor["ray_start_s"]
