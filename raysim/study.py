@@ -19,7 +19,8 @@ A cell whose summary.json exists is done and skipped; one with a checkpoint resu
 other is started afresh. A done or resumable cell whose config.yaml no longer matches what the
 study file says (a learning rate edited after it ran, say) is stale: the study refuses to run
 until its directory is removed, so one table never mixes two versions of a cell. All cells share
-one Ray instance. ``--list`` prints the cells and their state without running anything;
+one Ray instance: the one already up in this process (``main`` called from a notebook), left
+running, or else one started as the first cell's ``ray.*`` settings say. ``--list`` prints the cells and their state without running anything;
 ``--only AXIS=VALUE[,VALUE]`` narrows either to some cells (to run a grid's parts in the order
 that matters most, or on several machines into shared storage).
 """
@@ -208,16 +209,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import ray
 
-        from raysim.runtime.simulation import start_ray
+        from raysim.runtime.simulation import start_ray, stop_autoscaler_monitor
 
-        # One Ray for all cells, as the first cell's ray.* settings (or RAY_ADDRESS) ask.
-        start_ray(configs[todo[0].name])
+        # One Ray for all cells, as the first cell's ray.* settings (or RAY_ADDRESS) ask; where Ray
+        # is already up (a notebook), that one, left running as a Simulation leaves it.
+        owns_ray = not ray.is_initialized()
+        started_ray = owns_ray and start_ray(configs[todo[0].name])
         try:
             for i, cell in enumerate(todo, 1):
                 log.info("cell %d/%d: %s", i, len(todo), cell.name)
                 run_cell(base, out / cell.name, cell)
         finally:
-            ray.shutdown()
+            if started_ray:
+                stop_autoscaler_monitor()
+            if owns_ray:
+                ray.shutdown()
     except UserError as err:
         print(f"raysim.study: error: {err}", file=sys.stderr)
         return 2

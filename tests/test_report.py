@@ -195,24 +195,17 @@ def test_a_study_starts_ray_as_its_ray_settings_say(tmp_path, monkeypatch):
     assert seen == [1.0]
 
 
-def test_a_study_skips_finished_cells(tmp_path, capsys):
-    import ray
-
+def test_a_study_skips_finished_cells(tmp_path, capsys, ray_session):
+    """In a process where Ray is up (as in a notebook), a study runs on that Ray and leaves it up."""
     path = _study_file(tmp_path, {"seed": [0, 1]}, settings={"rounds": 1, "train.local_steps": 1, "eval.max_examples": 20, "checkpoint.every": 1})
-    ray_was_up = ray.is_initialized()
-    if ray_was_up:  # the study starts its own Ray, as its command line does
-        ray.shutdown()
-    try:
-        assert study.main([str(path)]) == 0
-        summaries = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/summary.json")}
-        assert len(summaries) == 2
-        (tmp_path / "out" / "seed=1" / "summary.json").unlink()  # as if interrupted after its checkpoint
-        assert study.main([str(path), "--list"]) == 0
-        assert capsys.readouterr().out.split() == ["done", "seed=0", "resumable", "seed=1"]
-        assert study.main([str(path)]) == 0
-    finally:
-        if ray_was_up:
-            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    assert study.main([str(path)]) == 0
+    summaries = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/summary.json")}
+    assert len(summaries) == 2
+    (tmp_path / "out" / "seed=1" / "summary.json").unlink()  # as if interrupted after its checkpoint
+    assert study.main([str(path), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["done", "seed=0", "resumable", "seed=1"]
+    assert study.main([str(path)]) == 0
+    assert ray_session.is_initialized(), "the study shut down a Ray it did not start"
     assert (tmp_path / "out" / "seed=0" / "summary.json").stat().st_mtime_ns == summaries[tmp_path / "out" / "seed=0" / "summary.json"]
     assert (tmp_path / "out" / "seed=1" / "summary.json").is_file()
     assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
