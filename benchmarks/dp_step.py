@@ -56,12 +56,12 @@ def measure(config: str, method: str, steps: int, overrides: list[str]) -> list[
         rng = np.random.default_rng(0)
         if mode == "none":
             state = ClientState.new(cfg.seed, 0)
-            batches = lambda n: shuffled_batches(state, client.lengths, batch, n)  # noqa: E731
+            batches = lambda n, state=state: shuffled_batches(state, client.lengths, batch, n)  # noqa: E731
         else:
             dp = DPSGD(model, optimizer, max_grad_norm=1.0, grad_sample_mode=mode)
             dp.set_client(1.0, rate * len(client), torch.Generator().manual_seed(0))
             optimizer, loss_fn = dp.optimizer, dp.loss
-            batches = lambda n: (poisson_batch(rng, len(client), rate) for _ in range(n))  # noqa: E731
+            batches = lambda n, rng=rng: (poisson_batch(rng, len(client), rate) for _ in range(n))  # noqa: E731
         local_train(model, optimizer, client, batches(WARMUP), device, loss_fn)
         started = time.perf_counter()
         local_train(model, optimizer, client, batches(steps), device, loss_fn)

@@ -6,9 +6,10 @@
 The workload (issue 5's reference): configs/tiny.yaml (a BERT with hidden size 64 and 2 layers),
 LoRA r=8 on query/value with A frozen (FFA-LoRA), N iid clients, 10 per round, 10 local SGD steps
 of batch 16 at length 64.
-- bare: one process, no Ray. Same model, same clients' batches and seeds, same FFA-LoRA update and
-  averaging (the same `Server` logic, called in-process), with torch using as many threads as
-  the raysim run's workers have CPUs in total.
+- bare: one process, no Ray: raysim's local runtime (``runtime=local``) with one in-process worker
+  whose torch uses as many threads as the raysim run's workers have CPUs in total. Same model,
+  same clients' batches and seeds, same update and averaging, none of Ray's scheduling or
+  serialization.
 - raysim: a Simulation on a local Ray with the same CPUs (2 workers x 1 CPU by default).
 Both skip per-round evaluation. The two final adapters are compared, so the work is the same.
 
@@ -27,70 +28,27 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
+from omegaconf import OmegaConf
 
 from raysim import Simulation, load_config
 from raysim.config import CONFIG_DIR
-from raysim.data.loading import from_arrow
-from raysim.data.prepare import prepare
-from raysim.data.tokenizer import load_tokenizer
-from raysim.model import adapter_state, build_model, frozen_lora_a, trainable_parameters
-from raysim.runtime.server import Server
-from raysim.training import (
-    ClientData,
-    ClientState,
-    load_adapter,
-    local_train,
-    make_optimizer,
-    saved_optimizer_state,
-    shuffled_batches,
-    step_seed,
-    swap_optimizer_state,
-)
 from workload import WORKLOAD
 
 
 def bare_loop(cfg, rounds: int, threads: int) -> dict:
-    """The same rounds in one process: no Ray, no serialization, one resident model."""
-    torch.set_num_threads(threads)
+    """The same rounds in one process: the local runtime, one in-process worker with ``threads``
+    torch threads, one resident model."""
     started = time.perf_counter()
-    data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
-    model = build_model(cfg, len(data.label_names))
-    params = trainable_parameters(model)
-    param_list = list(params.values())
-    optimizer = make_optimizer(cfg.train, param_list)
-    server = Server(cfg.method, cfg.seed, cfg.clients.num, cfg.server.lr, cfg.server.momentum)
-    initial = adapter_state(model)
-    server.initialize(initial, frozen_lora_a(model))
-    shards = [ClientData(*from_arrow(t)) for t in data.client_shards]
-    states = {c: ClientState.new(cfg.seed, c) for c in range(cfg.clients.num)}
-    startup_s = time.perf_counter() - started
-    round_s, steps_s = [], 0.0
-    for round_idx in range(1, rounds + 1):
-        started = time.perf_counter()
-        start = {k: torch.from_numpy(np.array(v)) for k, v in server.state.items()}
-        delta_sum = {k: torch.zeros_like(v) for k, v in start.items()}
-        weight_total = 0.0
-        for cid in server.sample(round_idx, cfg.clients.per_round):
-            shard, state = shards[cid], states[cid]
-            load_adapter(params, start)
-            swap_optimizer_state(optimizer, param_list, state.optimizer_state)
-            torch.manual_seed(step_seed(cfg.seed, round_idx, cid))
-            batches = shuffled_batches(state, shard.lengths, cfg.train.batch_size, cfg.train.local_steps)
-            steps_started = time.perf_counter()
-            local_train(model, optimizer, shard, batches, torch.device("cpu"))
-            steps_s += time.perf_counter() - steps_started
-            state.optimizer_state = saved_optimizer_state(optimizer, param_list)
-            weight = float(len(shard))
-            weight_total += weight
-            with torch.no_grad():
-                for k, total in delta_sum.items():
-                    total.add_(params[k] - start[k], alpha=weight)
-        server.aggregate(round_idx, weight_total, {"delta_sum": {k: v.numpy() for k, v in delta_sum.items()}, "product_sum": {}})
-        round_s.append(time.perf_counter() - started)
+    local = OmegaConf.merge(cfg, {"runtime": "local", "worker": {"count": 1, "num_cpus": threads}})
+    with Simulation(local) as sim:
+        startup_s = time.perf_counter() - started
+        initial = sim.global_adapter()
+        rows = [sim.run_round() for _ in range(rounds)]
+        adapter = sim.global_adapter()
     client_steps = rounds * cfg.clients.per_round * cfg.train.local_steps
-    change = max(float(np.max(np.abs(server.state[k] - initial[k]))) for k in initial)
-    return {"startup_s": startup_s, "round_s": round_s, "step_ms": 1e3 * steps_s / client_steps, "adapter": server.state, "change": change}
+    change = max(float(np.max(np.abs(adapter[k] - initial[k]))) for k in initial)
+    steps_s = sum(r["steps_s"] for r in rows)
+    return {"startup_s": startup_s, "round_s": [r["wall_s"] for r in rows], "step_ms": 1e3 * steps_s / client_steps, "adapter": adapter, "change": change}
 
 
 def raysim_run(cfg, rounds: int) -> dict:
@@ -107,8 +65,9 @@ def measure(clients: int, rounds: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(CONFIG_DIR / "tiny.yaml", [*WORKLOAD, f"clients.num={clients}", f"output_dir={tmp}/run", *overrides])
         cpus = int(cfg.worker.count * cfg.worker.num_cpus)
-        single = bare_loop(cfg, min(rounds, 2), threads=1)  # single-thread step time, for the ideal parallel round
-        bare = bare_loop(cfg, rounds, threads=cpus)
+        in_process = {"overwrite": True, "output_dir": f"{tmp}/bare"}
+        single = bare_loop(OmegaConf.merge(cfg, in_process), min(rounds, 2), threads=1)  # single-thread step time, for the ideal parallel round
+        bare = bare_loop(OmegaConf.merge(cfg, in_process), rounds, threads=cpus)
         ray_started = time.perf_counter()
         owns_ray = not ray.is_initialized()
         if owns_ray:

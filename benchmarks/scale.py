@@ -75,7 +75,7 @@ def one(clients: int) -> dict:
         with Simulation(cfg) as sim:
             row = sim.run_round()
             steady = tree_pss()
-            adapter_bytes = sim.sent_bytes_per_client
+            adapter_bytes = row["uplink_bytes"] // row["clients"]
             shard_rows = sum(sim.client_sizes)
         ray.shutdown()
     stop.set()

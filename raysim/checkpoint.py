@@ -34,6 +34,7 @@ CHANGEABLE_ON_RESUME = (
     "resume",
     "checkpoint",
     "ray",
+    "runtime",
     "worker",
     "eval",
     "train.lr",

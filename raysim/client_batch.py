@@ -81,7 +81,7 @@ def stacked_clients(model: nn.Module, starts: Sequence[dict[str, torch.Tensor]])
             swapped.append((parent, child, layer))
             for k, params in enumerate(client_params):
                 params[f"{path}.weight"] = stacked.weights[k]
-                if has_bias:
+                if stacked.biases is not None:
                     params[f"{path}.bias"] = stacked.biases[k]
         yield [{name: params[name] for name in trainable} for params in client_params]
     finally:

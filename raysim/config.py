@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -22,7 +22,7 @@ from raysim.secagg.encoding import ring_bits
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
 
-METHODS = ("lora", "ffa_lora")
+RUNTIMES = ("ray", "local")
 PARTITIONS = ("iid", "dirichlet", "label_proportions", "shards")
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_SPLITS = ("test", "validation")
@@ -145,8 +145,14 @@ class EvalConfig:
     # Fixed seeded subset evaluated each round; 0 = the whole split. The final evaluation uses all.
     max_examples: int = 500
     batch_size: int = 64
-    # Log the LoRA aggregation error ||mean(B_i A_i) - mean(B_i) mean(A_i)|| / ||mean(B_i A_i)||.
-    aggregation_error: bool = True
+    # Log the LoRA aggregation error ||mean(B_i A_i) - mean(B_i) mean(A_i)|| / ||mean(B_i A_i)||:
+    # "auto" for methods whose averaging is not exact by construction (on for lora, off for
+    # ffa_lora), true or false.
+    aggregation_error: Union[bool, str] = "auto"
+    # Columns of the random sketch the error is measured through (each module's products are
+    # compared as (B A) S for a seeded Gaussian S of d_in x this): relative error about 1/sqrt(2 x
+    # this) at worst; 0 = the exact dense d_out x d_in products.
+    aggregation_sketch: int = 32
 
 
 @dataclass
@@ -233,6 +239,11 @@ class RaysimConfig:
     seed: int = 0
     rounds: int = 20
     method: str = "ffa_lora"
+    # The method's own options (see its Options in raysim/methods/), e.g. {density: 0.25}.
+    method_args: dict[str, Any] = field(default_factory=dict)
+    # "ray": actors on a local or remote Ray cluster; "local": the same rounds in this process,
+    # no Ray (a debugger's breakpoint inside a client's step works), worker.count virtual workers.
+    runtime: str = "ray"
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -263,7 +274,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
             raise ConfigError(f"override '{item}' is not of the form key=value")
     try:
         cfg = OmegaConf.structured(RaysimConfig)
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        cfg = cast(DictConfig, OmegaConf.merge(cfg, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides))))
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
@@ -280,7 +291,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
 def from_dict(values: dict | DictConfig | None = None) -> DictConfig:
     """A validated config from nested values over the schema defaults (for notebooks and tests)."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RaysimConfig), values or {})
+        cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(RaysimConfig), values or {}))
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
@@ -297,7 +308,8 @@ def _check(ok: bool, key: str, why: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Reject values that pass the schema's types but cannot work."""
-    _check(cfg.method in METHODS, "method", f"'{cfg.method}' is not one of {', '.join(METHODS)}")
+    _validate_method(cfg)
+    _check(cfg.runtime in RUNTIMES, "runtime", f"'{cfg.runtime}' is not one of {', '.join(RUNTIMES)}")
     _check(cfg.rounds >= 0, "rounds", "must be >= 0")
     _check(cfg.clients.num >= 1, "clients.num", "must be >= 1")
     _check(cfg.clients.per_round >= 1, "clients.per_round", "must be >= 1")
@@ -359,6 +371,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
     _check(cfg.eval.max_examples >= 0, "eval.max_examples", "must be >= 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(cfg.eval.aggregation_error in (True, False, "auto"), "eval.aggregation_error", "must be true, false or 'auto'")
+    _check(cfg.eval.aggregation_sketch >= 0, "eval.aggregation_sketch", "must be >= 0 (0 = exact products)")
     _validate_privacy(cfg)
     _validate_secagg(cfg)
     count = cfg.worker.count
@@ -374,6 +388,24 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = no checkpoints)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+def _validate_method(cfg: DictConfig) -> None:
+    from raysim.methods import method_class, method_options
+    from raysim.methods.protocol import Aggregation
+
+    try:
+        cls = method_class(cfg.method)
+    except ValueError as err:
+        raise ConfigError(f"method: {err}") from None
+    try:
+        method_options(cls, cfg.method_args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cls.aggregation is Aggregation.PER_CLIENT:
+        why = f"method {cfg.method} aggregates each client's own message, and the server would then see it"
+        _check(not cfg.secagg.enabled, "secagg.enabled", f"{why}: secure aggregation cannot hide it; use a summable method")
+        _check(cfg.privacy.mode != "central_dp", "privacy.mode", f"{why}: central DP noises only a sum; use local_dp_sgd")
 
 
 def _validate_privacy(cfg: DictConfig) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from raysim.config import UserError
-from raysim.methods import get as get_method
-from raysim.methods.common import is_lora_a, seeded_lora_a
+from raysim.methods import build as build_method
+from raysim.methods.common import is_lora_a, is_lora_tensor, seeded_lora_a
 
 
 @contextlib.contextmanager
@@ -64,12 +64,14 @@ def _wrap_lora(cfg, model: torch.nn.Module) -> torch.nn.Module:
 def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The base model (frozen) wrapped by PEFT LoRA, on ``device``, in train mode.
 
-    A matrices come from :func:`seeded_lora_a` (same in every process); methods that do not
-    train A get it frozen. The task head is part of the adapter (PEFT's modules_to_save).
+    A matrices come from :func:`seeded_lora_a` (same in every process); the LoRA tensors the
+    method's adapter does not train are frozen (every client trains the same tensors: see
+    :meth:`raysim.methods.protocol.Method.adapter`). The task head is part of the adapter (PEFT's
+    modules_to_save).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    method = get_method(cfg.method)
+    spec = build_method(cfg).adapter(0)
     name = cfg.model.name_or_path
     overrides = dict(cfg.model.config_overrides)
     torch.manual_seed(cfg.seed)  # same random base weights and head everywhere
@@ -84,7 +86,8 @@ def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> tor
         for param_name, param in model.named_parameters():
             if is_lora_a(param_name):
                 param.copy_(torch.from_numpy(seeded_lora_a(param_name, tuple(param.shape), cfg.seed)))
-                param.requires_grad_(method.trains(param_name))
+            if param.requires_grad:
+                param.requires_grad_(spec.trains(param_name))
     model.train()  # transformers loads in eval mode; dropout (and Opacus hooks) need train mode
     return model
 
@@ -99,9 +102,9 @@ def adapter_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def frozen_lora_a(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The A matrices a method keeps frozen (empty for plain LoRA)."""
+    """The LoRA tensors the method keeps frozen, e.g. FFA-LoRA's A (empty for plain LoRA)."""
     return {
         name: p.detach().cpu().numpy().copy()
         for name, p in model.named_parameters()
-        if is_lora_a(name) and not p.requires_grad
+        if is_lora_tensor(name) and not p.requires_grad
     }

@@ -14,7 +14,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
@@ -108,11 +108,11 @@ def comparison_rows(runs: list[Run], key: str) -> dict[str, list[Run]]:
     return _group(runs, keys)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
+def _mean_std(values: Iterable[float | None]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
         return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
 def _final_accuracy(run: Run) -> float | None:
@@ -127,7 +127,7 @@ def _epsilon(run: Run) -> float | None:
     privacy = run.summary.get("privacy") or {}
     if "epsilon" in privacy:
         return float(privacy["epsilon"])
-    epsilons = [r.get("epsilon") for r in run.rows if r.get("epsilon") is not None]
+    epsilons = [r["epsilon"] for r in run.rows if r.get("epsilon") is not None]
     return epsilons[-1] if epsilons and math.isfinite(epsilons[-1]) else None
 
 
@@ -175,7 +175,7 @@ def compare_table(rows: dict[str, list[Run]], key: str, values: list[str]) -> st
         if paired:
             first = {r.config.get("seed"): _final_accuracy(r) for r in by_value[values[0]]}
             second = {r.config.get("seed"): _final_accuracy(r) for r in by_value[values[1]]}
-            diffs = [first[s] - second[s] for s in first if s in second and first[s] is not None and second[s] is not None]
+            diffs = [a - b for s, a in first.items() if a is not None and (b := second.get(s)) is not None]
             cells += [_pm(_mean_std(diffs), 4), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

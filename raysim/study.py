@@ -34,7 +34,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -65,7 +65,7 @@ def load_study(path: str | Path) -> tuple[Path, Path, list[Cell]]:
     if not path.is_file():
         raise UserError(f"study file not found: {path}")
     try:
-        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        spec = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path), resolve=False))
     except Exception as err:
         raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
     unknown = set(spec) - {"base", "output_dir", "settings", "axes", "where"}
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import ray
 
-        from raysim.runtime.simulation import start_ray, stop_autoscaler_monitor
+        from raysim.runtime.cluster import start_ray, stop_autoscaler_monitor
 
         # One Ray for all cells, as the first cell's ray.* settings (or RAY_ADDRESS) ask; where Ray
         # is already up (a notebook), that one, left running as a Simulation leaves it.

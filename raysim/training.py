@@ -36,6 +36,7 @@ class ClientState:
     cursor: int = 0
     optimizer_state: dict[int, dict] = field(default_factory=dict)
     accountant: Any = None  # local DP: the client's Opacus accountant, alive across rounds
+    method_state: dict[str, Any] = field(default_factory=dict)  # the method's per-client state (e.g. a residual)
 
     @classmethod
     def new(cls, seed: int, client_id: int) -> "ClientState":
@@ -52,6 +53,7 @@ class ClientState:
                 for i, moments in self.optimizer_state.items()
             },
             "accountant_history": None if self.accountant is None else [tuple(h) for h in self.accountant.history],
+            "method_state": {k: v.detach().cpu().numpy() if torch.is_tensor(v) else v for k, v in self.method_state.items()},
         }
 
     @classmethod
@@ -65,6 +67,9 @@ class ClientState:
             {i: {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in m.items()} for i, m in values["optimizer_state"].items()},
             device,
         )
+        state.method_state = {
+            k: torch.from_numpy(np.array(v)).to(device) if isinstance(v, np.ndarray) else v for k, v in values.get("method_state", {}).items()
+        }
         if values["accountant_history"] is not None and make_accountant is not None:
             state.accountant = make_accountant()
             state.accountant.history = [tuple(h) for h in values["accountant_history"]]
@@ -93,7 +98,7 @@ def epoch_batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int
     batch_size = min(batch_size, n)
     order = rng.permutation(n)
     span = batch_size * LENGTH_GROUP
-    batches = []
+    batches: list[np.ndarray] = []
     for start in range(0, n, span):
         group = order[start : start + span]
         group = group[np.argsort(lengths[group], kind="stable")]

@@ -38,6 +38,9 @@ def ray_session():
     """One Ray instance for every runtime test (starting Ray costs seconds)."""
     import ray
 
+    # Methods written in tests/ (toy_*.py) are imported by the workers too: they inherit this.
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
@@ -45,7 +48,17 @@ def ray_session():
 
 def expected_round(cfg, sampled):
     """One round computed in this process: each sampled client trains from the initial adapter; the
-    global adapter moves by server.lr times the weighted mean delta (round 1: momentum has no past)."""
+    global adapter moves by server.lr times the weighted mean delta (round 1: momentum has no past).
+    With a worker's torch threads, so its kernels sum in the same order as the workers'."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(cfg.worker.num_cpus))
+    try:
+        return _expected_round(cfg, sampled)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _expected_round(cfg, sampled):
     data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
     model = build_model(cfg, len(data.label_names))
     params = trainable_parameters(model)
@@ -76,7 +89,7 @@ def round_killing_a_worker(sim, worker: int, after_s: float) -> dict:
     """Run one round and SIGKILL worker ``worker``'s process ``after_s`` seconds into it; the row."""
     import ray
 
-    pid = ray.get(sim.workers[worker].ready.remote())["pid"]
+    pid = ray.get(sim.workers[worker].ready.remote()).pid
     result = {}
     thread = threading.Thread(target=lambda: result.update(sim.run_round()))
     thread.start()

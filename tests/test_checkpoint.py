@@ -132,11 +132,11 @@ def test_two_rounds_resumed_to_four_equal_four_rounds_bit_for_bit(tmp_path):
     assert main(["run", tiny, f"output_dir={whole}", "rounds=4", *common, "--quiet"]) == 0
     assert main(["run", tiny, f"output_dir={part}", "rounds=2", *common, "--quiet"]) == 0
     assert _equal(_payload(whole, 2), _payload(part, 2)) == []
-    written = pq.read_table(part / "metrics.parquet")
+    written = (part / "metrics.parquet").read_bytes()
 
     # A resume that changes what defines the run is refused, and the run's outputs are untouched.
     assert main(["run", tiny, f"resume={part}", "rounds=4", *common, "lora.rank=4", "--quiet"]) == 2
-    assert pq.read_table(part / "metrics.parquet").equals(written)
+    assert (part / "metrics.parquet").read_bytes() == written
 
     assert main(["run", tiny, f"resume={part}", "rounds=4", *common, "--quiet"]) == 0
     resumed, uninterrupted = _payload(part, 4), _payload(whole, 4)

@@ -180,7 +180,7 @@ def test_stacking_refuses_a_trained_layer_that_is_not_a_linear(tmp_path):
 
 
 def test_gpu_runs_training_one_client_at_a_time_are_told_of_clients_per_batch(tmp_path):
-    from raysim.runtime.simulation import gpu_hint
+    from raysim.runtime.cluster import gpu_hint
 
     assert "train.clients_per_batch=8" in gpu_hint(["cuda:0"], tiny_config(tmp_path))
     assert gpu_hint(["cpu"], tiny_config(tmp_path)) is None

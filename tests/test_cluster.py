@@ -219,7 +219,7 @@ import ray
 from ray.cluster_utils import Cluster
 from raysim.config import CONFIG_DIR, load_config
 from raysim.runtime.placement import workers_that_fit
-from raysim.runtime.simulation import worker_options
+from raysim.runtime.cluster import worker_options
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False})
 cluster.add_node(num_cpus=2, num_gpus=1)
@@ -229,9 +229,9 @@ ray.init(address=cluster.address, logging_level="ERROR")
 @ray.remote
 class Probe:
     def where(self):
-        from raysim.runtime.host import actor_device
+        from raysim.runtime.worker import actor_device
         ctx = ray.get_runtime_context()
-        return [ctx.get_node_id(), ctx.get_accelerator_ids()["GPU"], os.environ.get("CUDA_VISIBLE_DEVICES"), str(actor_device())]
+        return [ctx.get_node_id(), ctx.get_accelerator_ids()["GPU"], os.environ.get("CUDA_VISIBLE_DEVICES"), actor_device()]
 
 worker = load_config(CONFIG_DIR / "tiny.yaml", ["worker.num_cpus=0.25", f"worker.num_gpus={sys.argv[1]}"]).worker
 auto = workers_that_fit([n["Resources"] for n in ray.nodes() if n["Alive"]], worker.num_cpus, worker.num_gpus)

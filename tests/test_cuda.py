@@ -68,7 +68,7 @@ def test_workers_sharing_one_gpu_train_on_it_and_match_a_cpu_run(tmp_path, per_b
     for gpus in (0, 0.5):
         cfg = tiny_config(tmp_path / str(gpus), *common, f"worker.num_gpus={gpus}", f"train.clients_per_batch={per_batch}")
         with Simulation(cfg) as sim:
-            devices = {r["device"] for r in ray.get([w.ready.remote() for w in sim.workers])}
+            devices = {r.device for r in ray.get([w.ready.remote() for w in sim.workers])}
             assert devices == ({"cuda:0"} if gpus else {"cpu"})
             sim.run(progress=False)
             adapters[gpus] = sim.global_adapter()

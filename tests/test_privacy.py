@@ -11,7 +11,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from raysim.config import CONFIG_DIR, ConfigError, load_config
 from raysim.model import build_model, trainable_parameters
 from raysim.privacy.accounting import RDP_ORDERS, epsilon, solve_noise_multiplier
-from raysim.privacy.budget import BudgetExhausted, PrivacyBudget
+from raysim.privacy.budget import BudgetExhausted, ClientPrivacy, PrivacyBudget
 from raysim.privacy.central_dp import clip_update, noisy_mean, poisson_clients, update_norm
 from raysim.privacy.local_dp import DPSGD, plan_noise, poisson_batch, sample_rate
 from raysim.training import ClientData, collate
@@ -176,11 +176,11 @@ def test_central_budget_stops_before_the_round_that_would_exceed_it():
 
 def test_local_budget_excludes_exhausted_clients_and_reports_the_largest_epsilon():
     budget = PrivacyBudget(_privacy(mode="local_dp_sgd", target_epsilon=3.0), [40, 80], rounds=4, local_steps=5, batch_size=8, per_round=1)
-    newly = budget.record_round({0: {"history": [(1.0, 0.2, 5)], "epsilon": 2.5, "exhausted": True},
-                                 1: {"history": [(1.0, 0.1, 5)], "epsilon": 1.0, "exhausted": False}})
+    newly = budget.record_round({0: ClientPrivacy([(1.0, 0.2, 5)], epsilon=2.5, exhausted=True, trained=True),
+                                 1: ClientPrivacy([(1.0, 0.1, 5)], epsilon=1.0, exhausted=False, trained=True)})
     assert newly == [0] and budget.exhausted == {0} and budget.epsilon == 2.5
     assert [r["steps"] for r in budget.client_rows(8)] == [5, 5]
-    budget.record_round({1: {"history": [(1.0, 0.1, 10)], "epsilon": 1.5, "exhausted": True}})
+    budget.record_round({1: ClientPrivacy([(1.0, 0.1, 10)], epsilon=1.5, exhausted=True, trained=True)})
     with pytest.raises(BudgetExhausted):
         budget.check_next_round(2)
 

@@ -14,6 +14,7 @@ from raysim import Simulation, load_config
 from raysim.config import CONFIG_DIR
 from raysim.data.prepare import prepare
 from raysim.data.tokenizer import load_tokenizer
+from raysim.runtime.messages import TrainSettings
 
 from conftest import tiny_config
 
@@ -42,12 +43,12 @@ def test_central_dp_epsilon_matches_opacus_and_stops_at_the_target(tmp_path):
         assert pq.read_table(sim.output_dir / "metrics.parquet").column("epsilon").to_pylist() == eps
 
         # What a worker sends for one client is clipped, however far a large learning rate moves it.
-        (global_ref,) = ray.get(sim.server.broadcast.remote())
+        global_ref, _ = ray.get(sim.server.broadcast.remote())
         cid = sim.worker_clients[0][0]
-        train = {"lr": 1.0, "lr_decay": 1.0, "local_steps": 5, "batch_size": 16, "weighting": "examples"}
-        meta, payload = ray.get(sim.workers[0].train_clients.remote(global_ref, [cid], 99, train))
-        norm = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in payload["delta_sum"].values()))
-        assert meta["weight"] == 1.0 and 0.05 * 0.99 < norm <= 0.05 * (1 + 1e-5)
+        train = TrainSettings(lr=1.0, lr_decay=1.0, local_steps=5, batch_size=16, weighting="examples")
+        report, payload = ray.get(sim.workers[0].train_clients.remote(global_ref, [cid], 99, train))
+        norm = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in payload.delta_sum.values()))
+        assert report.weight == 1.0 and 0.05 * 0.99 < norm <= 0.05 * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("method", ["ffa_lora", "lora"])

@@ -1,6 +1,7 @@
 """Secure aggregation through the Ray runtime on configs/tiny.yaml: the server's view, the result
 against the plaintext round, dropouts, aborts and worker failure."""
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -10,6 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from raysim import Simulation
+from raysim.methods.ffa_lora import FFALoRA
+from raysim.methods.protocol import NoOptions
 from raysim.runtime.server import Server
 from raysim.secagg import shamir
 from raysim.secagg.encoding import ring_bits, ring_mask
@@ -124,7 +127,7 @@ def test_a_secure_round_under_dp_equals_the_plaintext_round(tmp_path, privacy):
 def _seed_with_both_kinds_of_dropout(num, per_round, rate):
     """A seed whose round 1 has exactly one client vanishing before its masked input and one after."""
     for seed in range(1000):
-        sampled = Server("ffa_lora", seed, num).sample(1, per_round)
+        sampled = Server(FFALoRA(NoOptions(), lora_rank=8), seed, num).sample(1, per_round)
         stages = [dropout_stage(seed, 1, c, rate) for c in sampled]
         if stages.count("before_input") == 1 and stages.count("after_input") == 1:
             return seed, sampled, stages
@@ -140,6 +143,8 @@ def _arrays(value):
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _arrays(v)
+    elif dataclasses.is_dataclass(value):
+        yield from _arrays(vars(value))
 
 
 def _uniform_p(words, k):
@@ -194,14 +199,14 @@ def test_the_server_receives_only_masked_sums_and_learns_only_the_survivors_tota
     with np.errstate(over="ignore"):
         stripped = []
         for payload in payloads:
-            y = payload["masked"].astype(np.uint64)
-            for u in payload["senders"]:
+            y = payload.masked.astype(np.uint64)
+            for u in payload.senders:
                 y = y - expand_mask(self_seeds[u], len(y))
                 for dropped, key in mask_keys.items():
                     mask = pairwise_mask(X25519PrivateKey.from_private_bytes(key), publics[u]["mask_public"], 1, len(y))
                     y = y + mask if dropped < u else y - mask
             stripped.append(y & ring_mask(k))
-            assert _uniform_p(payload["masked"], k) > 1e-4
+            assert _uniform_p(payload.masked, k) > 1e-4
             assert _uniform_p(stripped[-1], k) > 1e-4
         total = sum(stripped) & ring_mask(k)
     assert _uniform_p(total, k) < 1e-12
@@ -209,7 +214,7 @@ def test_the_server_receives_only_masked_sums_and_learns_only_the_survivors_tota
 
     # Constant-size messages: one ring vector per sum, one 160-byte ciphertext per share pair.
     ((_, _, *bundles),) = calls["secagg_route"]
-    assert {len(p["masked"]) for p in payloads} == {sum(v.size for v in start.values()) + 1}
+    assert {len(p.masked) for p in payloads} == {sum(v.size for v in start.values()) + 1}
     assert {len(ct) for bundle in bundles for cts in bundle.values() for ct in cts.values()} == {160}
     assert {len(share) for r in reveals.values() for _, share in r.values()} == {9}
 

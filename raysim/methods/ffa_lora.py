@@ -7,14 +7,14 @@ averaging B is exact: mean_i(B_i A) = mean_i(B_i) A. Uplink and downlink carry h
 tensors, and DP noise added to B is not multiplied by a noisy A.
 """
 
-from raysim.methods.common import mean_delta, is_lora_a
-
-NAME = "ffa_lora"
-
-
-def trains(name: str) -> bool:
-    """Everything but the frozen A matrices."""
-    return not is_lora_a(name)
+from raysim.methods.common import LORA_A
+from raysim.methods.protocol import AdapterSpec, Method
 
 
-aggregate = mean_delta
+class FFALoRA(Method):
+    name = "ffa_lora"
+    exact = True  # one A for all: mean_i(B_i A) = mean_i(B_i) A
+
+    def adapter(self, client_id: int) -> AdapterSpec:
+        """Everything but the frozen A matrices."""
+        return AdapterSpec(rank=self.lora_rank, frozen_kinds=(LORA_A,))

@@ -2,17 +2,14 @@
 
 Every client trains both A and B (plus the task head) and sends both. The server averages A and B
 independently, which is inexact: mean_i(B_i A_i) != mean_i(B_i) mean_i(A_i) once clients diverge.
-The run logs that gap per round as ``aggregation_error``.
+The run logs that gap per round as ``aggregation_error``. With ``privacy.mode=central_dp`` or
+``local_dp_sgd`` this is DP-LoRA (Liu et al., 2023): Gaussian noise on the LoRA updates.
 """
 
-from raysim.methods.common import mean_delta
-
-NAME = "lora"
+from raysim.methods.protocol import Method
 
 
-def trains(name: str) -> bool:
-    """Every adapter tensor is trained, and so sent."""
-    return True
+class LoRA(Method):
+    """Every adapter tensor trained and sent; the protocol's defaults are FedIT."""
 
-
-aggregate = mean_delta
+    name = "lora"

@@ -44,7 +44,7 @@ def _quiet():
 
 def epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
     """(epsilon for ``delta``) spent by ``history``; 0 for an empty history."""
-    history = [tuple(h) for h in history if h[2] > 0]
+    history = [(sigma, q, steps) for sigma, q, steps in history if steps > 0]
     if not history:
         return 0.0
     from opacus.accountants import create_accountant

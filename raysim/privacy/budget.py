@@ -9,10 +9,21 @@ the run, one step per round; a round that would exceed the target is not run.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from raysim.privacy.accounting import epsilon, solve_noise_multiplier
 from raysim.privacy.local_dp import plan_noise, sample_rate
+
+
+@dataclass
+class ClientPrivacy:
+    """Local DP: one client's accounting after a round, as its worker reports it."""
+
+    history: list
+    epsilon: float
+    exhausted: bool  # the next round would take it over the budget
+    trained: bool  # False: this round would have, so it did not train
 
 
 class BudgetExhausted(Exception):
@@ -39,6 +50,7 @@ class PrivacyBudget:
             if privacy.noise_multiplier is not None:
                 self.noise = [float(privacy.noise_multiplier)] * num
             else:
+                assert self.target is not None
                 self.noise = plan_noise(client_sizes, batch_size, steps, self.target, self.delta, self.accountant)
         elif self.mode == "central_dp":
             self.sample_rate = per_round / num
@@ -46,6 +58,7 @@ class PrivacyBudget:
             if privacy.noise_multiplier is not None:
                 self.noise_multiplier = float(privacy.noise_multiplier)
             else:
+                assert self.target is not None
                 self.noise_multiplier = solve_noise_multiplier(self.target, self.delta, self.sample_rate, rounds, self.accountant)
 
     _STATE = ("histories", "client_epsilon", "exhausted", "rounds_noised", "noise", "noise_multiplier")
@@ -88,7 +101,7 @@ class PrivacyBudget:
             if after > self.target:
                 raise BudgetExhausted(f"another round would spend epsilon={after:.3f} > target {self.target:g}")
 
-    def record_round(self, client_privacy: dict[int, dict]) -> list[int]:
+    def record_round(self, client_privacy: dict[int, ClientPrivacy]) -> list[int]:
         """Take the round's per-client accounting (local) or count its noisy release (central);
         returns the clients newly out of budget."""
         if self.mode == "central_dp":
@@ -96,9 +109,9 @@ class PrivacyBudget:
             return []
         newly = []
         for cid, info in client_privacy.items():
-            self.histories[cid] = [tuple(h) for h in info["history"]]
-            self.client_epsilon[cid] = info["epsilon"]
-            if info["exhausted"] and cid not in self.exhausted:
+            self.histories[cid] = [tuple(h) for h in info.history]
+            self.client_epsilon[cid] = info.epsilon
+            if info.exhausted and cid not in self.exhausted:
                 self.exhausted.add(cid)
                 newly.append(cid)
         return sorted(newly)

@@ -10,24 +10,29 @@ not one message per client.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 from omegaconf import OmegaConf
 
 from raysim.client_batch import local_train_stacked
 from raysim.data.loading import from_arrow
-from raysim.methods.common import lora_pairs
+from raysim.methods import build as build_method
+from raysim.methods.common import sketch_matrix
+from raysim.methods.protocol import Aggregation, ClientUpdate, Message
 from raysim.model import adapter_state, build_model, frozen_lora_a, quiet_load, trainable_parameters
+from raysim.privacy.budget import ClientPrivacy
 from raysim.privacy.central_dp import clip_update
-from raysim.secagg.encoding import encode_update, ring_bits, ring_mask
-from raysim.secagg.protocol import ClientRound, advertise, dropout_stage, masked_input, share_keys, unmask
+from raysim.runtime.host_secagg import SecAggClients
+from raysim.secagg.encoding import ring_mask
+from raysim.runtime.messages import LocalDPPlan, MaskedPayload, TrainSettings, WorkerPayload, WorkerReady, WorkerReport
 from raysim.training import (
     ClientData,
     ClientState,
@@ -42,26 +47,38 @@ from raysim.training import (
 )
 
 _DP_NOISE_STREAM = 0x4E
-_ROUNDING_STREAM = 0x52
-
-
-def actor_device() -> torch.device:
-    """The device Ray assigned to this actor: a GPU only if Ray granted one (never by probing CUDA)."""
-    gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
-    return torch.device("cuda:0") if gpu_ids else torch.device("cpu")
 
 
 def _as_client_data(table: pa.Table) -> ClientData:
     return ClientData(*from_arrow(table))
 
 
-class ClientHost:
-    def __init__(self, cfg: dict, index: int, num_labels: int):
+def _to_numpy(message: Message) -> Message:
+    """A message with its tensors as numpy arrays, to travel to the server (which has no torch)."""
+
+    def arrays(part: dict) -> dict:
+        return {k: v.detach().cpu().numpy() if torch.is_tensor(v) else v for k, v in part.items()}
+
+    return dataclasses.replace(message, summable=arrays(message.summable), per_client=arrays(message.per_client))
+
+
+class ClientHost(SecAggClients):
+    # Methods that return (small result, payload): the ClientWorker actor declares them with
+    # ray.method(num_returns=2), so the payload can go to the server without the driver.
+    NUM_RETURNS = {"train_clients": 2, "secagg_share_keys": 2, "secagg_unmask": 2}
+
+    def __init__(self, cfg: dict, index: int, num_labels: int, device: str = "cpu", threads: int | None = None):
+        """``device``: the one Ray granted this worker (never found by probing CUDA); ``threads``:
+        torch's CPU threads (None leaves the process's setting)."""
         self.cfg = OmegaConf.create(cfg)
         self.index = index
-        self.device = actor_device()
-        torch.set_num_threads(max(1, int(self.cfg.worker.num_cpus)))
-        self.model = build_model(self.cfg, num_labels, self.device)
+        self.device = torch.device(device)
+        if threads is not None:
+            torch.set_num_threads(max(1, threads))
+        self.method = build_method(self.cfg)
+        setting = self.cfg.eval.aggregation_error
+        self.want_products = setting is True or (setting == "auto" and not self.method.exact)
+        self.model: Any = build_model(self.cfg, num_labels, self.device)  # a PEFT model
         self.params = trainable_parameters(self.model)
         self.param_list = list(self.params.values())
         self.optimizer = make_optimizer(self.cfg.train, self.param_list)
@@ -75,17 +92,13 @@ class ClientHost:
         self.noise: dict[int, float] = {}
         self.histories: dict[int, list] = {}
         self.frozen_a = {k: torch.from_numpy(v).to(self.device) for k, v in frozen_lora_a(self.model).items()}
-        self.pairs = lora_pairs(list(self.params) + list(self.frozen_a))
         self.train_rows: ClientData | None = None  # every client's rows, client after client
         self.offsets = np.zeros(1, dtype=np.int64)  # client c's rows: offsets[c]:offsets[c + 1]
         self.eval_sets: dict[str, ClientData] = {}
         self.states: dict[int, ClientState] = {}
-        self.secagg = self.cfg.secagg if self.cfg.secagg.enabled else None
-        self.ring_bits = ring_bits(self.cfg.secagg.bits, self.cfg.clients.num) if self.secagg else 0
-        self.secagg_round: dict[int, ClientRound] = {}  # this round's secrets of this worker's clients
-        self.secagg_publics: dict[int, dict] = {}
+        self.init_secagg()
 
-    def load(self, shards: tuple[pa.Table, np.ndarray], eval_tables: dict[str, pa.Table], privacy: dict | None = None) -> dict:
+    def load(self, shards: tuple[pa.Table, np.ndarray], eval_tables: dict[str, pa.Table], privacy: LocalDPPlan | None = None) -> WorkerReady:
         """Take every client's rows (one table and the clients' offsets into it, one object shared
         by the workers of a node, so any worker can train any client) and this worker's evaluation
         slices, again after a restart; under local DP the clients' noise multipliers and the
@@ -95,9 +108,8 @@ class ClientHost:
         self.train_rows = _as_client_data(table)
         self.eval_sets = {name: _as_client_data(t) for name, t in eval_tables.items()}
         self.states = {}
-        privacy = privacy or {}
-        self.noise = privacy.get("noise", {})
-        self.histories = privacy.get("histories", {})
+        self.noise = privacy.noise if privacy else {}
+        self.histories = privacy.histories if privacy else {}
         return self.ready()
 
     def _state(self, cid: int) -> ClientState:
@@ -111,7 +123,7 @@ class ClientHost:
             self.states[cid] = state
         return self.states[cid]
 
-    def _train_private(self, cid: int, data: ClientData, state: ClientState, train_cfg, round_idx: int) -> tuple[float, dict]:
+    def _train_private(self, cid: int, data: ClientData, state: ClientState, train_cfg, round_idx: int) -> tuple[float, ClientPrivacy]:
         """DP-SGD steps for one client; (loss, its accounting), or (nan, ...) without training
         when this round would take it over its budget."""
         from raysim.privacy.accounting import epsilon
@@ -125,27 +137,29 @@ class ClientHost:
 
         before = list(state.accountant.history)
         if target is not None and spent(before, steps) > target:
-            return float("nan"), {"history": before, "epsilon": spent(before), "exhausted": True, "trained": False}
+            return float("nan"), ClientPrivacy(history=before, epsilon=spent(before), exhausted=True, trained=False)
+        dp = self.dp
+        assert dp is not None, "DP-SGD steps on a worker without local DP"
         generator = torch.Generator(device=self.device).manual_seed(step_seed(self.cfg.seed, round_idx, cid) ^ _DP_NOISE_STREAM)
-        self.dp.set_client(sigma, rate * len(data), generator)
+        dp.set_client(sigma, rate * len(data), generator)
         batches = (poisson_batch(state.rng, len(data), rate) for _ in range(steps))
-        loss = local_train(self.model, self.dp.optimizer, data, batches, self.device, self.dp.loss)
+        loss = local_train(self.model, dp.optimizer, data, batches, self.device, dp.loss)
         for _ in range(steps):
             state.accountant.step(noise_multiplier=sigma, sample_rate=rate)
         after = list(state.accountant.history)
         exhausted = target is not None and spent(after, steps) > target  # would the next round fit?
-        return loss, {"history": after, "epsilon": spent(after), "exhausted": exhausted, "trained": True}
+        return loss, ClientPrivacy(history=after, epsilon=spent(after), exhausted=exhausted, trained=True)
 
-    def hand_over(self, client_ids: list[int]) -> dict[int, dict]:
-        """The local state of clients moving to another worker, as plain values (the driver passes
-        them on without unpickling torch tensors, so it never imports torch); this worker then
+    def hand_over(self, client_ids: list[int], groups: list[list[int]]) -> tuple:
+        """The local state of clients moving to other workers, as plain values: (the ids, then one
+        {client: state} per group of ``client_ids``, one group per destination); this worker then
         forgets them. A client with no state here yet gets it made first, so its accountant
         history moves too."""
         out = {}
         for cid in client_ids:
             out[cid] = self._state(cid).to_dict()
             del self.states[cid]
-        return out
+        return (list(client_ids), *({cid: out[cid] for cid in group} for group in groups))
 
     def export_states(self) -> dict[int, dict]:
         """Every local client state this worker holds, as plain values (for a checkpoint)."""
@@ -180,12 +194,13 @@ class ClientHost:
             return f"pad token id {pad_token_id}, AutoTokenizer's {hf.pad_token_id}"
         return None
 
-    def ready(self) -> dict:
-        return {"index": self.index, "pid": os.getpid(), "device": str(self.device), "clients": len(self.offsets) - 1}
+    def ready(self) -> WorkerReady:
+        return WorkerReady(index=self.index, pid=os.getpid(), device=str(self.device), clients=len(self.offsets) - 1)
 
     def _data(self, cid: int) -> ClientData:
         """Client ``cid``'s rows: views, made when needed (thousands of clients cost no objects)."""
         rows, start, end = self.train_rows, self.offsets[cid], self.offsets[cid + 1]
+        assert rows is not None, "train_clients before load"
         return ClientData(rows.ids[start:end], rows.lengths[start:end], rows.labels[start:end])
 
     def initial_adapter(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -201,42 +216,40 @@ class ClientHost:
         global_state: dict,
         client_ids: list[int],
         round_idx: int,
-        train: dict,
+        train: TrainSettings,
         inbox: dict | None = None,
         weight_scale: float = 1.0,
-        arrivals: dict[int, dict] | None = None,
-    ):
-        """Train each client from the global adapter; return (small metadata, partial sums).
-        ``arrivals``: the state of clients handed over by another worker this round.
+        *arrivals: dict[int, dict],
+    ) -> tuple[WorkerReport, WorkerPayload | MaskedPayload]:
+        """Train each client from the global adapter, turn its trained tensors into its method's
+        message, and return (small report, partial sums). ``arrivals``: the states of clients
+        handed over by other workers this round (top-level arguments, so Ray resolves them here).
 
         With secure aggregation, ``inbox`` holds the encrypted shares each client received, and the
         partial sum is the sum of the clients' masked inputs mod 2^k (weights divided by
         ``weight_scale``, the largest client's, so they lie in (0, 1]); clients that drop before
         sending are not trained."""
         start = time.perf_counter()
-        self.import_states(arrivals or {})
-        train_cfg = OmegaConf.create(train)
+        for states in arrivals:
+            self.import_states(states)
+        train_cfg = OmegaConf.create(dataclasses.asdict(train))
         optimizer = self.dp.optimizer if self.dp else self.optimizer
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr
         central = self.privacy.mode == "central_dp"
+        per_client = self.method.aggregation is Aggregation.PER_CLIENT
         start_state = self._to_device(global_state)
-        delta_sum = {k: torch.zeros_like(v) for k, v in start_state.items()}
+        delta_sum: dict[str, torch.Tensor] = {}
         secure = inbox is not None
-        want_products = bool(self.cfg.eval.aggregation_error) and not central and not secure
-        product_sum = {}
-        weight_total, loss_sum, trained, privacy, steps_s = 0.0, 0.0, [], {}, 0.0
-        masked, clipped = np.uint64(0), 0
-        eligible = []
-        for cid in client_ids:
-            if secure:
-                secrets = self.secagg_round.get(cid)
-                if secrets is None or secrets.round_idx != round_idx or cid not in inbox:
-                    continue  # this worker restarted mid-round, or the client's keys never reached the others
-                if dropout_stage(self.cfg.seed, round_idx, cid, self.secagg.dropout_rate) == "before_input":
-                    continue
-                secrets.received = inbox[cid]
-            eligible.append(cid)
+        sketches = self._sketches(round_idx) if self.want_products and not central and not secure else None
+        product_sum: dict[str, torch.Tensor] = {}
+        messages: list[tuple[int, float, Message]] = []
+        weight_total, loss_sum, steps_s, sent_bytes = 0.0, 0.0, 0.0, 0
+        trained: list[int] = []
+        privacy: dict[int, ClientPrivacy] = {}
+        masked: Any = np.uint64(0)
+        clipped = 0
+        eligible = client_ids if inbox is None else self._secagg_senders(client_ids, round_idx, inbox)
         for cid, loss, values, seconds in self._local_updates(eligible, start_state, train_cfg, round_idx, privacy):
             data = self._data(cid)
             steps_s += seconds
@@ -246,47 +259,67 @@ class ClientHost:
             weight = float(len(data)) if train_cfg.weighting == "examples" and not central else 1.0
             weight_total += weight
             with torch.no_grad():
-                delta = {k: values[k] - start_state[k] for k in delta_sum}
-                if self.dp and not any(bool(d.any()) for d in delta.values()):
+                update = ClientUpdate(cid, round_idx, len(data), start_state, values)
+                message = self.method.client_message(update, self._state(cid).method_state)
+                if self.dp and not any(bool((values[k] != start_state[k]).any()) for k in start_state):
                     raise RuntimeError(
                         f"client {cid}: DP-SGD left every trained tensor unchanged, so Opacus computed no "
                         "per-sample gradients (is the model in train mode?)"
                     )
+                summable = message.summable
                 if central:
-                    delta, _ = clip_update(delta, self.privacy.clip_norm)
+                    summable, _ = clip_update(summable, self.privacy.clip_norm)
+                sent_bytes += message.size()
                 if secure:
-                    y, n_clipped = self._masked_input(cid, round_idx, delta, weight / weight_scale)
+                    y, n_clipped = self._masked_input(cid, round_idx, summable, weight / weight_scale)
                     with np.errstate(over="ignore"):
                         masked = (masked + y) & ring_mask(self.ring_bits)
                     clipped += n_clipped
                     continue
-                for k, total in delta_sum.items():
-                    total.add_(delta[k], alpha=weight)
-                if want_products:
-                    for prefix, (a, b) in self.pairs.items():
-                        a_mat = values[a] if a in values else self.frozen_a[a]
-                        product = values[b] @ a_mat
+                if per_client:
+                    messages.append((cid, weight, _to_numpy(message)))
+                else:
+                    for k, v in summable.items():
+                        if k in delta_sum:
+                            delta_sum[k].add_(v, alpha=weight)
+                        else:
+                            delta_sum[k] = torch.zeros_like(v).add_(v, alpha=weight)
+                if sketches is not None:
+                    for prefix, (left, right) in self.method.factors(values, self.frozen_a).items():
+                        sketch = sketches.get(prefix)
+                        product = left @ right if sketch is None else left @ (right @ sketch)
                         if prefix in product_sum:
                             product_sum[prefix].add_(product, alpha=weight)
                         else:
                             product_sum[prefix] = product * weight
-        meta = {
-            "worker": self.index,
-            "clients": trained,
-            "weight": weight_total,
-            "loss_sum": loss_sum,
-            "train_s": time.perf_counter() - start,
-            "steps_s": steps_s,  # of train_s, the local steps themselves
-            "privacy": privacy,
-        }
+        report = WorkerReport(
+            worker=self.index,
+            clients=trained,
+            weight=weight_total,
+            loss_sum=loss_sum,
+            train_s=time.perf_counter() - start,
+            steps_s=steps_s,
+            uplink_bytes=sent_bytes,
+            privacy=privacy,
+            secagg_clipped=clipped,
+        )
         if secure:
-            meta["secagg_clipped"] = clipped
-            return meta, {"senders": trained, "masked": masked if trained else None}
-        payload = {
-            "delta_sum": {k: v.cpu().numpy() for k, v in delta_sum.items()},
-            "product_sum": {k: v.cpu().numpy() for k, v in product_sum.items()},
-        }
-        return meta, payload
+            return report, MaskedPayload(senders=trained, masked=masked if trained else None)
+        payload = WorkerPayload(
+            delta_sum={k: v.cpu().numpy() for k, v in delta_sum.items()},
+            product_sum={k: v.cpu().numpy() for k, v in product_sum.items()},
+            messages=messages,
+        )
+        return report, payload
+
+    def _sketches(self, round_idx: int) -> dict[str, torch.Tensor | None]:
+        """The round's sketch matrix per LoRA module (None: exact products), the server's too."""
+        columns = int(self.cfg.eval.aggregation_sketch)
+        out = {}
+        for prefix, (_, right) in self.method.factors(self.params, self.frozen_a).items():
+            sketch = sketch_matrix(prefix, right.shape[1], columns, self.cfg.seed, round_idx)
+            out[prefix] = None if sketch is None else torch.from_numpy(sketch).to(self.device)
+        return out
 
     def _local_updates(self, client_ids: list[int], start_state: dict, train_cfg, round_idx: int, privacy: dict):
         """(client, mean loss, trained tensors, seconds of local steps) for each client that
@@ -304,7 +337,7 @@ class ClientHost:
             started = time.perf_counter()
             if self.dp:
                 loss, privacy[cid] = self._train_private(cid, data, state, train_cfg, round_idx)
-                if not privacy[cid]["trained"]:
+                if not privacy[cid].trained:
                     continue
             else:
                 batches = shuffled_batches(state, data.lengths, train_cfg.batch_size, train_cfg.local_steps)
@@ -342,42 +375,6 @@ class ClientHost:
                 for cid, state, (loss, values, moments) in zip(group, states, results):
                     state.optimizer_state = moments
                     yield cid, loss, values, seconds
-
-    def _masked_input(self, cid: int, round_idx: int, delta: dict[str, torch.Tensor], weight: float) -> tuple[np.ndarray, int]:
-        """A client's update, weighted, encoded into the ring and masked: what it would send."""
-        flat = torch.cat([delta[k].reshape(-1) for k in sorted(delta)]).cpu().double().numpy()
-        rng = np.random.default_rng([self.cfg.seed, round_idx, cid, _ROUNDING_STREAM])
-        encoded, clipped = encode_update(flat, weight, self.secagg.clip_range, self.secagg.bits, rng)
-        return masked_input(self.secagg_round[cid], encoded, self.secagg_publics, self.ring_bits), clipped
-
-    def secagg_advertise(self, round_idx: int, client_ids: list[int]) -> dict[int, dict]:
-        """Fresh key pairs for this round's clients; their public keys, for the server."""
-        self.secagg_round, publics = {}, {}
-        for cid in client_ids:
-            self.secagg_round[cid], publics[cid] = advertise(cid, round_idx)
-        return publics
-
-    def secagg_share_keys(self, roster: dict):
-        """Each client's Shamir shares, encrypted to each of its neighbours: (senders, {sender: {recipient: ciphertext}})."""
-        self.secagg_publics = roster["publics"]
-        out = {
-            cid: share_keys(secrets, roster["publics"], roster["graph"][cid], roster["threshold"])
-            for cid, secrets in self.secagg_round.items()
-            if secrets.round_idx == roster["round"]
-        }
-        return sorted(out), out
-
-    def secagg_unmask(self, round_idx: int, senders: list[int]):
-        """The shares the server asks for, from this worker's clients that sent their input and are
-        still there; then the round's secrets are forgotten. (responders, {client: reveals})."""
-        sent = set(senders)
-        out = {
-            cid: unmask(secrets, self.secagg_publics, sent)
-            for cid, secrets in self.secagg_round.items()
-            if secrets.round_idx == round_idx and cid in sent and dropout_stage(self.cfg.seed, round_idx, cid, self.secagg.dropout_rate) is None
-        }
-        self.secagg_round, self.secagg_publics = {}, {}
-        return sorted(out), out
 
     def evaluate(self, global_state: dict, split: str) -> tuple[float, int, int]:
         load_adapter(self.params, self._to_device(global_state))

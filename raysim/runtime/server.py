@@ -1,19 +1,25 @@
-"""Server: owns the global adapter, samples clients and aggregates; run as a Ray actor.
+"""Server: owns the server state, samples clients and aggregates; run as a Ray actor (or in
+process by the local runtime).
 
-It puts the global adapter into the object store once per version (once per round), and receives
-one partial sum per worker, never one message per client. With secure aggregation it runs the
-server's side of SecAgg+: it routes the clients' public keys and encrypted shares, receives
-masked sums, and unmasks only their total.
+It puts the method's broadcast into the object store once per version (once per round), and
+receives one partial sum per worker, never one message per client (unless the method needs each
+client's message). The summed part goes through the runtime's post-processing (SecAgg unmasking,
+central DP noise, division by the total weight), and then always through the method's
+``aggregate``. With secure aggregation it runs the server's side of SecAgg+: it routes the
+clients' public keys and encrypted shares, receives masked sums, and unmasks only their total.
+No Ray here: the object store's ``put`` is handed in.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import ray
+from typing import Any, Callable
 
-from raysim.methods import get as get_method
-from raysim.methods.common import apply_step, lora_products, relative_aggregation_error, server_step
+import numpy as np
+
+from raysim.methods.common import relative_aggregation_error, sketch_matrix
+from raysim.methods.protocol import Aggregation, Method, RoundInput, ServerState
 from raysim.privacy.central_dp import noisy_mean, poisson_clients
+from raysim.runtime.messages import MaskedPayload, SecAggRoster, ServerReport, WorkerPayload
 from raysim.secagg.encoding import decode_update_sum, ring_mask
 from raysim.secagg.protocol import SecAggAborted, neighbours, threshold_for, unmasked_sum
 
@@ -37,44 +43,41 @@ def unflatten(vector: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.n
 class Server:
     def __init__(
         self,
-        method: str,
+        method: Method,
         seed: int,
         num_clients: int,
-        lr: float = 1.0,
-        momentum: float = 0.0,
         central_dp: dict | None = None,
         secagg: dict | None = None,
+        sketch_columns: int = 0,
+        put: Callable[[Any], Any] | None = None,
     ):
         """``central_dp``: {noise_multiplier, clip_norm, sample_rate} for DP-FedAvg, or None.
-        ``secagg``: {neighbors (int or None for all), threshold, clip_range, bits, ring_bits}, or None."""
-        self.method = get_method(method)
+        ``secagg``: {neighbors (int or None for all), threshold, clip_range, bits, ring_bits}, or None.
+        ``sketch_columns``: of the aggregation-error sketch (0: exact products). ``put``: the
+        object store's put (Ray's in an actor); None keeps the broadcast as it is."""
+        self.method = method
         self.central_dp = central_dp
         self.secagg = secagg
         self._secagg_round: dict = {}
         self.seed = seed
         self.num_clients = num_clients
-        self.lr, self.momentum = lr, momentum
-        self.momentum_buffer: dict[str, np.ndarray] | None = None
-        self.state: dict[str, np.ndarray] = {}
-        self.frozen_a: dict[str, np.ndarray] = {}
-        self._broadcast_ref = None
+        self.sketch_columns = sketch_columns
+        self._put = put or (lambda value: value)
+        self.state = ServerState(adapter={})
+        self._broadcast: list | None = None
 
-    def initialize(self, initial_state: dict, frozen_a: dict) -> None:
-        """Start from the adapter the workers built (same seed everywhere); A only for diagnostics."""
-        self.state = {k: np.array(v) for k, v in initial_state.items()}
-        self.frozen_a = {k: np.array(v) for k, v in frozen_a.items()}
-        self._broadcast_ref = None
+    def initialize(self, initial_state: dict, frozen: dict) -> None:
+        """Start from the adapter the workers built (same seed everywhere) and the tensors they keep frozen."""
+        self.state = self.method.init_server(initial_state, frozen)
+        self._broadcast = None
 
     def state_dict(self) -> dict:
-        """What a checkpoint needs to continue: the global adapter and the server optimizer's momentum."""
-        return {"state": self.state, "momentum_buffer": self.momentum_buffer, "frozen_a": self.frozen_a}
+        """What a checkpoint needs to continue: the server state (global adapter, optimizer, method state)."""
+        return self.state.to_dict()
 
     def load_state_dict(self, saved: dict) -> None:
-        self.state = {k: np.array(v) for k, v in saved["state"].items()}
-        self.frozen_a = {k: np.array(v) for k, v in saved["frozen_a"].items()}
-        buffer = saved["momentum_buffer"]
-        self.momentum_buffer = None if buffer is None else {k: np.array(v) for k, v in buffer.items()}
-        self._broadcast_ref = None
+        self.state = ServerState.from_dict(saved)
+        self._broadcast = None
 
     def sample(self, round_idx: int, per_round: int, excluded: list[int] | tuple = ()) -> list[int]:
         """Clients for this round, drawn from (seed, round) alone: ``per_round`` of the clients not
@@ -87,55 +90,70 @@ class Server:
         return sorted(int(c) for c in chosen)
 
     def broadcast(self) -> list:
-        """A reference to the current global adapter (wrapped in a list so Ray does not resolve it)."""
-        if self._broadcast_ref is None:
-            self._broadcast_ref = ray.put(self.state)
-        return [self._broadcast_ref]
+        """[reference to what clients download, its size in bytes] (a list, so Ray does not resolve
+        the reference)."""
+        if self._broadcast is None:
+            sent = self.method.broadcast(self.state)
+            self._broadcast = [self._put(sent), int(sum(v.nbytes for v in sent.values()))]
+        return self._broadcast
 
-    def aggregate(self, round_idx: int, weight_total: float, *payloads: dict) -> dict:
-        """Sum the workers' partial sums, apply the method's server update, and report diagnostics.
+    def aggregate(self, round_idx: int, weight_total: float, *payloads: WorkerPayload) -> ServerReport:
+        """Sum the workers' partial sums, post-process them into a mean, hand it (and any
+        per-client messages) to the method's aggregate, and report the diagnostics.
 
         Under central DP the noise is added to the sum even when no client took part: that noisy
         release is what the accountant counts."""
-        if not self.central_dp and (not payloads or weight_total <= 0):
-            return {"aggregation_error": float("nan")}
-        delta_sum = {k: sum((p["delta_sum"][k] for p in payloads), np.zeros_like(v)) for k, v in self.state.items()}
-        update = self._average(round_idx, delta_sum, weight_total)
+        template = self.method.message_template(self.state)
+        mean = None
+        summable = self.method.aggregation is Aggregation.SUMMABLE
+        if summable and (self.central_dp or (payloads and weight_total > 0)):
+            summed = {k: sum((p.delta_sum[k] for p in payloads if k in p.delta_sum), np.zeros_like(v)) for k, v in template.items()}
+            mean = self._mean(round_idx, summed, weight_total)
         error = float("nan")
-        if payloads and payloads[0]["product_sum"]:
-            # The error of averaging itself: the clients' mean adapter, before the server optimizer.
-            averaged = apply_step(self.state, update)
-            mean_products = {k: sum(p["product_sum"][k] for p in payloads) / weight_total for k in payloads[0]["product_sum"]}
-            error = relative_aggregation_error(mean_products, lora_products(averaged, self.frozen_a))
-        self._step(update)
-        return {"aggregation_error": error}
+        if mean is not None and payloads and payloads[0].product_sum:
+            error = self._aggregation_error(round_idx, mean, weight_total, payloads)
+        messages = [m for p in payloads for m in p.messages]
+        self._apply(RoundInput(round_idx, mean, weight_total, messages))
+        return ServerReport(aggregation_error=error)
 
-    def _average(self, round_idx: int, delta_sum: dict[str, np.ndarray], weight_total: float) -> dict[str, np.ndarray]:
+    def _aggregation_error(self, round_idx: int, mean: dict[str, np.ndarray], weight_total: float, payloads) -> float:
+        """The error of averaging itself: the clients' mean adapter (before the server optimizer)
+        against the mean of their products, both through the round's sketch."""
+        averaged = {k: (v + mean[k]).astype(v.dtype) if k in mean else v for k, v in self.state.adapter.items()}
+        products = {}
+        for prefix, (left, right) in self.method.factors(averaged, self.state.frozen).items():
+            sketch = sketch_matrix(prefix, right.shape[1], self.sketch_columns, self.seed, round_idx)
+            products[prefix] = left @ right if sketch is None else left @ (right @ sketch)
+        mean_products = {k: sum(p.product_sum[k] for p in payloads) / weight_total for k in payloads[0].product_sum}
+        return relative_aggregation_error(mean_products, products)
+
+    def _mean(self, round_idx: int, summed: dict[str, np.ndarray], weight_total: float) -> dict[str, np.ndarray]:
+        """The post-processing of the summed messages: central DP's noisy fixed-denominator mean, or
+        the weighted mean (FedAvg, McMahan et al. 2017)."""
         if self.central_dp:
             dp = self.central_dp
             rng = np.random.default_rng([self.seed, round_idx, _NOISE_STREAM])
             expected_clients = dp["sample_rate"] * self.num_clients
-            return noisy_mean(delta_sum, dp["noise_multiplier"], dp["clip_norm"], expected_clients, rng)
-        return self.method.aggregate(delta_sum, weight_total)
+            return noisy_mean(summed, dp["noise_multiplier"], dp["clip_norm"], expected_clients, rng)
+        return {k: v / weight_total for k, v in summed.items()}
 
-    def _step(self, update: dict[str, np.ndarray]) -> None:
-        step, self.momentum_buffer = server_step(update, self.momentum_buffer, self.lr, self.momentum)
-        self.state = apply_step(self.state, step)
-        self._broadcast_ref = None
+    def _apply(self, round_input: RoundInput) -> None:
+        self.state = self.method.aggregate(self.state, round_input)
+        self._broadcast = None
 
     # Secure aggregation: the server's side of one SecAgg+ round, in the order the driver calls it.
     # Each step raises SecAggAborted when the round cannot finish; the global adapter is then unchanged.
 
-    def secagg_roster(self, round_idx: int, *advertised: dict[int, dict]) -> dict:
+    def secagg_roster(self, round_idx: int, *advertised: dict[int, dict]) -> SecAggRoster:
         """From the clients' public keys: the neighbour graph and threshold, sent back to all."""
         publics = {c: public for batch in advertised for c, public in batch.items()}
         clients = sorted(publics)
         if len(clients) < 3:
             raise SecAggAborted(f"{len(clients)} client(s) reached the round; secure aggregation needs at least 3")
         rng = np.random.default_rng([self.seed, round_idx, _GRAPH_STREAM])
-        graph = neighbours(clients, self.secagg["neighbors"], rng)
+        graph = neighbours(clients, self._secagg_settings()["neighbors"], rng)
         degree = min(len(v) for v in graph.values())
-        threshold = threshold_for(degree, self.secagg["threshold"])
+        threshold = threshold_for(degree, self._secagg_settings()["threshold"])
         if threshold > degree:
             raise SecAggAborted(f"threshold {threshold} is more than the {degree} neighbours each of the {len(clients)} clients has")
         self._secagg_round = {
@@ -145,7 +163,7 @@ class Server:
             "threshold": threshold,
             "bytes": _PUBLIC_KEY_BYTES * len(clients),
         }
-        return {"round": round_idx, "publics": publics, "graph": graph, "threshold": threshold}
+        return SecAggRoster(round_idx=round_idx, publics=publics, graph=graph, threshold=threshold)
 
     def secagg_route(self, round_idx: int, groups: list[list[int]], *bundles: dict[int, dict[int, bytes]]):
         """Deliver each encrypted share to its recipient: one inbox {recipient: {sender: ciphertext}}
@@ -167,30 +185,31 @@ class Server:
         out = [{c: inbox.get(c, {}) for c in group if c in shared} for group in groups]
         return out if len(out) > 1 else out[0]
 
-    def secagg_collect(self, round_idx: int, *payloads: dict) -> list[int]:
+    def secagg_collect(self, round_idx: int, *payloads: MaskedPayload) -> list[int]:
         """Add the workers' sums of masked inputs (mod 2^k); returns who sent one, for unmasking."""
         r = self._round(round_idx)
-        senders = sorted(c for p in payloads for c in p["senders"])
+        senders = sorted(c for p in payloads for c in p.senders)
         if not senders:
             raise SecAggAborted("no client's masked input arrived")
-        k = self.secagg["ring_bits"]
+        k = self._secagg_settings()["ring_bits"]
         with np.errstate(over="ignore"):
-            r["masked"] = sum((p["masked"] for p in payloads if p["senders"]), np.uint64(0)) & ring_mask(k)
+            r["masked"] = sum((p.masked for p in payloads if p.senders), np.uint64(0)) & ring_mask(k)
         r["senders"] = set(senders)
         r["bytes"] += len(senders) * -(-len(r["masked"]) * k // 8)  # each client's y_u, packed in k bits
         return senders
 
-    def secagg_aggregate(self, round_idx: int, *reveals: dict[int, dict]) -> dict:
+    def secagg_aggregate(self, round_idx: int, *reveals: dict[int, dict]) -> ServerReport:
         """Remove the masks with the revealed shares, decode the sum, and update the global adapter."""
         r = self._round(round_idx)
         merged = {c: shares for batch in reveals for c, shares in batch.items()}
         r["bytes"] += _REVEAL_BYTES * sum(len(shares) for shares in merged.values())
-        cfg = self.secagg
+        cfg = self._secagg_settings()
         total = unmasked_sum(r["masked"], r["senders"], merged, r["publics"], r["graph"], r["threshold"], round_idx, cfg["ring_bits"])
         values, weight_total = decode_update_sum(total, len(r["senders"]), cfg["clip_range"], cfg["bits"])
-        self._step(self._average(round_idx, unflatten(values, self.state), weight_total))
+        summed = unflatten(values, self.method.message_template(self.state))
+        self._apply(RoundInput(round_idx, self._mean(round_idx, summed, weight_total), weight_total))
         self._secagg_round = {}
-        return {"aggregation_error": float("nan"), "uplink_bytes": r["bytes"]}
+        return ServerReport(aggregation_error=float("nan"), uplink_bytes=r["bytes"])
 
     def secagg_abort(self, round_idx: int) -> int:
         """Forget an aborted round (the global adapter was not touched); returns the bytes its
@@ -199,10 +218,15 @@ class Server:
         self._secagg_round = {}
         return sent
 
+    def _secagg_settings(self) -> dict:
+        if self.secagg is None:
+            raise SecAggAborted("secure aggregation is off on this server")
+        return self.secagg
+
     def _round(self, round_idx: int) -> dict:
         if self._secagg_round.get("round") != round_idx:
             raise SecAggAborted(f"round {round_idx}: no secure aggregation in progress (the server has no roster for it)")
         return self._secagg_round
 
     def global_state(self) -> dict:
-        return self.state
+        return self.state.adapter

@@ -14,9 +14,9 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, cast
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from ray.exceptions import AuthenticationError, RayError
 from ray.job_submission import JobSubmissionClient
 
@@ -116,7 +116,7 @@ def _only_argument_address() -> Iterator[None]:
 
 
 def _sets_output_dir(config: str, overrides: list[str]) -> bool:
-    return any(o.startswith("output_dir=") for o in overrides) or bool(OmegaConf.load(config).get("output_dir"))
+    return any(o.startswith("output_dir=") for o in overrides) or bool(cast(DictConfig, OmegaConf.load(config)).get("output_dir"))
 
 
 async def _stream_logs(client: JobSubmissionClient, job_id: str) -> None:

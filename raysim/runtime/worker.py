@@ -10,12 +10,18 @@ from __future__ import annotations
 import ray
 
 
+def actor_device() -> str:
+    """The device Ray assigned to this actor: a GPU only if Ray granted one (never by probing CUDA)."""
+    gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    return "cuda:0" if gpu_ids else "cpu"
+
+
 @ray.remote
 class ClientWorker:
     def __init__(self, cfg: dict, index: int, num_labels: int):
         from raysim.runtime.host import ClientHost
 
-        self.host = ClientHost(cfg, index, num_labels)
+        self.host = ClientHost(cfg, index, num_labels, actor_device(), threads=int(cfg["worker"]["num_cpus"]))
 
     def load(self, *args):
         return self.host.load(*args)
@@ -23,7 +29,7 @@ class ClientWorker:
     def tokenizer_mismatch(self, texts: list[str], ids: list[list[int]], pad_token_id: int, max_length: int) -> str | None:
         return self.host.tokenizer_mismatch(texts, ids, pad_token_id, max_length)
 
-    def ready(self) -> dict:
+    def ready(self):
         return self.host.ready()
 
     def initial_adapter(self):
@@ -33,8 +39,8 @@ class ClientWorker:
     def train_clients(self, *args, **kwargs):
         return self.host.train_clients(*args, **kwargs)
 
-    def hand_over(self, client_ids: list[int]):
-        return self.host.hand_over(client_ids)
+    def hand_over(self, client_ids: list[int], groups: list[list[int]]):
+        return self.host.hand_over(client_ids, groups)
 
     def export_states(self) -> dict:
         return self.host.export_states()
@@ -46,7 +52,7 @@ class ClientWorker:
         return self.host.secagg_advertise(round_idx, client_ids)
 
     @ray.method(num_returns=2)
-    def secagg_share_keys(self, roster: dict):
+    def secagg_share_keys(self, roster):
         return self.host.secagg_share_keys(roster)
 
     @ray.method(num_returns=2)

@@ -33,8 +33,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from raysim.secagg import shamir
 from raysim.secagg.encoding import ring_mask
 
-_RAW = dict(encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw)
-
 
 class SecAggAborted(Exception):
     """Too few clients remain to remove the masks: the round's sum cannot be recovered."""
@@ -103,8 +101,8 @@ def advertise(client: int, round_idx: int) -> tuple[ClientRound, dict]:
     """Fresh key pairs and self-mask seed for this round; the public half goes to the server."""
     secrets = ClientRound(client, round_idx, X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32))
     public = {
-        "share_public": secrets.share_key.public_key().public_bytes(**_RAW),
-        "mask_public": secrets.mask_key.public_key().public_bytes(**_RAW),
+        "share_public": secrets.share_key.public_key().public_bytes_raw(),
+        "mask_public": secrets.mask_key.public_key().public_bytes_raw(),
     }
     return secrets, public
 

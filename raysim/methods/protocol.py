@@ -1,0 +1,167 @@
+"""The method protocol: what a federated LoRA method declares, so the runtime never special-cases one.
+
+A method is a subclass of :class:`Method` in one module (its paper in the docstring), registered by
+name in :mod:`raysim.methods`. It declares, after fedjax's algorithm-as-functions over a
+serializable server state and pfl-research's statistics passed through post-processors:
+
+- per client, the adapter it trains (:meth:`Method.adapter`: rank and which tensors);
+- the client side (:meth:`Method.client_message`): how a client's trained tensors become its
+  :class:`Message`, with per-client state that persists across rounds and travels with the client
+  (hand-over between workers, restarts, checkpoints);
+- what the runtime may do with a message (:attr:`Method.aggregation`): ``SUMMABLE`` parts are
+  weighted and pre-summed by the workers, so SecAgg+ and central DP apply to them; ``PER_CLIENT``
+  messages reach the server one by one, which neither SecAgg nor central DP allow;
+- the server side: a serializable :class:`ServerState` (:meth:`Method.init_server`) and an
+  :meth:`Method.aggregate` step that is always called, after the runtime's post-processing of the
+  summed part (SecAgg unmasking, central DP noise, division by the total weight);
+- its options (``method_args``, validated against :attr:`Method.Options`), and its real uplink
+  and downlink bytes per client.
+
+Client-side hooks see the worker's tensors (torch, on its device); server-side ones numpy arrays.
+Neither imports Ray, and the server side imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+from raysim.methods.common import apply_step, lora_pairs, server_step
+
+
+class Aggregation(enum.Enum):
+    SUMMABLE = "summable"  # workers add up weight x message.summable; SecAgg and central DP apply
+    PER_CLIENT = "per_client"  # the server needs each client's message
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What one client trains: its LoRA rank, and the adapter tensors (by PEFT name) it trains."""
+
+    rank: int
+    frozen_kinds: tuple[str, ...] = ()  # name fragments of LoRA tensors kept frozen, e.g. (".lora_A.",)
+
+    def trains(self, name: str) -> bool:
+        return not any(kind in name for kind in self.frozen_kinds)
+
+
+@dataclass
+class ClientUpdate:
+    """A client's round as its method sees it: the tensors it started from (the broadcast) and its
+    trained ones, by name."""
+
+    client_id: int
+    round_idx: int
+    examples: int
+    start: Mapping[str, Any]
+    trained: Mapping[str, Any]
+
+
+@dataclass
+class Message:
+    """What a client sends. ``summable``: tensors the runtime weights, clips under central DP,
+    masks under SecAgg and adds up; ``per_client``: tensors delivered to the server as they are
+    (``Aggregation.PER_CLIENT`` methods). ``nbytes``: the real size on the wire, where it is not
+    the tensors' (e.g. values plus indices of a sparse message)."""
+
+    summable: dict[str, Any]
+    per_client: dict[str, Any] = field(default_factory=dict)
+    nbytes: int | None = None
+
+    def size(self) -> int:
+        if self.nbytes is not None:
+            return int(self.nbytes)
+        return int(sum(v.nbytes for part in (self.summable, self.per_client) for v in part.values()))
+
+
+@dataclass
+class ServerState:
+    """Everything the server carries between rounds, as arrays and plain values (a checkpoint
+    stores it): the global adapter clients start from, the tensors every client keeps frozen, the
+    server optimizer's buffer, and the method's own state."""
+
+    adapter: dict[str, np.ndarray]
+    frozen: dict[str, np.ndarray] = field(default_factory=dict)
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ServerState":
+        def arrays(d: Mapping[str, Any]) -> dict[str, np.ndarray]:
+            return {k: np.array(v) for k, v in d.items()}
+
+        return cls(arrays(values["adapter"]), arrays(values["frozen"]), arrays(values["optimizer"]), dict(values["extra"]))
+
+
+@dataclass
+class RoundInput:
+    """What :meth:`Method.aggregate` gets. ``mean``: the summed summable parts after the runtime's
+    post-processing (SecAgg unmasking, central DP noise), divided by the total weight; None when no
+    client's message arrived. ``messages``: (client, weight, message) for PER_CLIENT methods."""
+
+    round_idx: int
+    mean: dict[str, np.ndarray] | None
+    weight_total: float
+    messages: list[tuple[int, float, Message]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Method:
+    """FedAvg of a LoRA adapter (every LoRA tensor trained and sent, deltas averaged), with the
+    server optimizer of ``server.lr`` and ``server.momentum``: subclasses change what differs."""
+
+    name: ClassVar[str]
+    aggregation: ClassVar[Aggregation] = Aggregation.SUMMABLE
+    # True where the averaged adapter reproduces mean_i(B_i A_i) by construction: the
+    # aggregation-error diagnostic is then off unless asked for.
+    exact: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any, lora_rank: int, server_lr: float = 1.0, server_momentum: float = 0.0):
+        self.options = options
+        self.lora_rank = lora_rank
+        self.server_lr, self.server_momentum = server_lr, server_momentum
+
+    def adapter(self, client_id: int) -> AdapterSpec:
+        return AdapterSpec(rank=self.lora_rank)
+
+    def client_message(self, update: ClientUpdate, state: dict[str, Any]) -> Message:
+        """The client's delta from the broadcast. ``state``: this client's method state, which the
+        method may change in place; it persists across rounds."""
+        return Message(summable={k: update.trained[k] - update.start[k] for k in update.start})
+
+    def init_server(self, adapter: Mapping[str, np.ndarray], frozen: Mapping[str, np.ndarray]) -> ServerState:
+        return ServerState(adapter={k: np.array(v) for k, v in adapter.items()}, frozen={k: np.array(v) for k, v in frozen.items()})
+
+    def aggregate(self, state: ServerState, round_input: RoundInput) -> ServerState:
+        """Apply the mean delta through the server optimizer (FedAvgM; plain FedAvg at lr 1, momentum 0)."""
+        if round_input.mean is None:
+            return state
+        step, buffer = server_step(round_input.mean, state.optimizer or None, self.server_lr, self.server_momentum)
+        return dataclasses.replace(state, adapter=apply_step(state.adapter, step), optimizer=buffer)
+
+    def broadcast(self, state: ServerState) -> dict[str, np.ndarray]:
+        """What a sampled client downloads and starts from."""
+        return state.adapter
+
+    def message_template(self, state: ServerState) -> dict[str, np.ndarray]:
+        """Arrays of the names, shapes and dtypes of a message's summable part: what the server
+        decodes a secure sum into, and noises under central DP when no client took part."""
+        return state.adapter
+
+    def factors(self, values: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Module prefix -> (left, right) with the module's weight update proportional to left @ right:
+        what the aggregation-error diagnostic compares. LoRA: (B, A)."""
+        merged = {**frozen, **values}
+        return {prefix: (merged[b], merged[a]) for prefix, (a, b) in lora_pairs(merged).items()}

@@ -1,0 +1,127 @@
+"""Start-up: check the inputs (tokenizer, data plan, privacy plan) while the cluster starts,
+create the workers and the server, tokenize the data and put it into the object store once.
+
+Everything a user can get wrong in the data, tokenizer or privacy plan fails while Ray starts
+(its start is mostly waiting on its own processes); the model fails as the workers build it.
+Nothing is written to output_dir before both have passed."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+from omegaconf import DictConfig
+
+from raysim.config import ConfigError, UserError
+from raysim.data.prepare import DataPlan, PreparedData, plan_data, split_for_workers, tokenize_plan
+from raysim.data.tokenizer import Tokenizer, load_tokenizer
+from raysim.privacy.budget import PrivacyBudget
+from raysim.secagg.encoding import ring_bits
+
+if TYPE_CHECKING:
+    from raysim.runtime.simulation import Simulation
+
+log = logging.getLogger("raysim")
+
+TOKENIZER_SAMPLE = 256  # rows a worker tokenizes with AutoTokenizer to check the driver's tokenizer
+
+
+def check_inputs(cfg: DictConfig) -> tuple[Tokenizer, DataPlan, PrivacyBudget]:
+    """Load the tokenizer, plan the data and the privacy budget. Raises UserError (or
+    ConfigError) naming what is wrong."""
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    plan = plan_data(cfg)
+    return tokenizer, plan, plan_privacy(cfg, plan.client_sizes)
+
+
+def plan_privacy(cfg: DictConfig, client_sizes: list[int]) -> PrivacyBudget:
+    """Solve the noise for the privacy target up front: an unreachable target fails here."""
+    try:
+        return PrivacyBudget(cfg.privacy, client_sizes, cfg.rounds, cfg.train.local_steps, cfg.train.batch_size, cfg.clients.per_round)
+    except ValueError as err:
+        raise ConfigError(
+            f"privacy.target_epsilon: {cfg.privacy.target_epsilon:g} cannot be reached at delta={cfg.privacy.target_delta:g} "
+            f"for {cfg.rounds} rounds ({err}); raise it, or use fewer rounds or privacy.client_rounds"
+        ) from None
+
+
+def check_adapters(sim: Simulation) -> None:
+    """Every client's adapter must be the one the workers' resident model trains."""
+    first = sim.method.adapter(0)
+    for cid in range(sim.cfg.clients.num):
+        spec = sim.method.adapter(cid)
+        if spec != first:
+            raise UserError(
+                f"method: {sim.cfg.method} gives client {cid} the adapter {spec} and client 0 {first}; "
+                "clients of one run train the same adapter on the resident model"
+            )
+
+
+def server_settings(cfg: DictConfig, budget: PrivacyBudget) -> tuple[dict | None, dict | None]:
+    """(central DP settings, secure aggregation settings) for the Server, or None each."""
+    central_dp = None
+    if budget.mode == "central_dp":
+        central_dp = {"noise_multiplier": budget.noise_multiplier, "clip_norm": budget.clip_norm, "sample_rate": budget.sample_rate}
+    secagg = None
+    if cfg.secagg.enabled:
+        s = cfg.secagg
+        secagg = {
+            "neighbors": None if s.neighbors == "all" else int(s.neighbors),
+            "threshold": int(s.threshold),
+            "clip_range": float(s.clip_range),
+            "bits": int(s.bits),
+            "ring_bits": ring_bits(s.bits, cfg.clients.num),
+        }
+    return central_dp, secagg
+
+
+def tokenize_checked(sim: Simulation, tokenizer: Tokenizer, plan: DataPlan) -> PreparedData:
+    """Tokenize the data; where the driver read the tokenizer from its file, worker 0 compares a
+    sample with AutoTokenizer (transformers may adjust a tokenizer.json from
+    tokenizer_config.json), and a difference means tokenizing again with AutoTokenizer."""
+    max_length = sim.cfg.data.max_length
+    check = None
+    if tokenizer.from_file:
+        sample = plan.texts[:: max(1, len(plan.texts) // TOKENIZER_SAMPLE)][:TOKENIZER_SAMPLE]
+        check = sim.workers[0].tokenizer_mismatch.remote(sample, tokenizer(sample, max_length), tokenizer.pad_token_id, max_length)
+    data = tokenize_plan(plan, tokenizer, max_length)
+    if check is not None:
+        mismatch = sim.backend.get(check)
+        if mismatch:
+            log.warning("data: transformers adjusts this model's tokenizer.json (%s); tokenizing again with AutoTokenizer", mismatch)
+            data = tokenize_plan(plan, load_tokenizer(sim.cfg.model.name_or_path, read_file=False), max_length)
+    return data
+
+
+def put_data(sim: Simulation, data: PreparedData, num_workers: int) -> tuple[Any, list[Any]]:
+    """The clients' rows go into the object store once, as one table (client after client) and
+    offsets, which every worker on a node maps without copying; each worker gets its slices of
+    the evaluation split. The driver keeps the references, so a worker restarted by Ray is handed
+    the same data again."""
+    eval_lengths = data.eval_full.column("length").to_numpy()
+    full_parts = split_for_workers(np.arange(data.eval_full.num_rows), eval_lengths, num_workers)
+    subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
+    offsets = np.concatenate([[0], np.cumsum(sim.client_sizes)])
+    shards_ref = sim.backend.put((pa.concat_tables(data.client_shards).combine_chunks(), offsets))
+    eval_refs = [
+        sim.backend.put({"full": data.eval_full.take(full_parts[w]), "subset": data.eval_full.take(subset_parts[w])}) for w in range(num_workers)
+    ]
+    return shards_ref, eval_refs
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError an actor raised (in a method or its constructor), if that is what failed.
+    The local runtime raises it as it is; Ray keeps it as a task error's cause, and an actor
+    that failed to start only as text."""
+    if isinstance(err, UserError):
+        return err
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, UserError):
+        return cause
+    marker = "UserError: "
+    for line in str(err).splitlines():
+        if marker in line:
+            return UserError(line.split(marker, 1)[1].strip())
+    return None

@@ -1,0 +1,103 @@
+"""A run's outputs in output_dir: metrics.parquet, privacy.parquet, TensorBoard scalars,
+summary.json and the adapter's files, each written so that a crash never leaves half a file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+
+from raysim.config import UserError
+from raysim.tensorboard_log import TensorBoardLog
+
+log = logging.getLogger("raysim")
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def check_output_dir(cfg: DictConfig, resumed_run: Path | None) -> Path:
+    out = Path(cfg.output_dir)
+    continuing = resumed_run is not None and out.resolve() == resumed_run.resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite and not continuing:
+        raise UserError(f"output_dir: '{out}' already exists and is not empty; choose another or pass overwrite=true")
+    return out
+
+
+class RunOutputs:
+    """The files of one run directory."""
+
+    def __init__(self, output_dir: Path):
+        self.dir = output_dir
+        self._tensorboard: TensorBoardLog | bool | None = None
+
+    def write_metrics(self, rows: list[dict[str, Any]], client_privacy: pa.Table | None) -> None:
+        table = pa.Table.from_pylist(rows)
+        write_atomic(self.dir / "metrics.parquet", lambda p: pq.write_table(table, p))
+        if client_privacy is not None:
+            write_atomic(self.dir / "privacy.parquet", lambda p: pq.write_table(client_privacy, p))
+
+    def write_tensorboard(self, row: dict[str, Any]) -> None:
+        """The round's numbers as TensorBoard scalars in output_dir/tensorboard, when tensorboard is
+        installed. A resumed run first purges the events of rounds it is about to redo."""
+        if self._tensorboard is None:
+            try:
+                self._tensorboard = TensorBoardLog(self.dir / "tensorboard", purge_step=row["round"])
+            except ImportError:
+                self._tensorboard = False
+            else:
+                log.info("TensorBoard: tensorboard --logdir %s", self.dir / "tensorboard")
+        if isinstance(self._tensorboard, TensorBoardLog):
+            scalars = {k: float(v) for k, v in row.items() if k != "round" and isinstance(v, (int, float)) and math.isfinite(v)}
+            self._tensorboard.add_scalars(row["round"], scalars, time.time())
+            self._tensorboard.flush()
+
+    def write_files(self, directory: Path, files: dict[str, bytes]) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+
+            def write(path: Path, data: bytes = content) -> None:
+                path.write_bytes(data)
+
+            write_atomic(directory / name, write)
+        return directory
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.dir / "summary.json"
+        write_atomic(path, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        return path
+
+    def close(self) -> None:
+        if isinstance(self._tensorboard, TensorBoardLog):
+            self._tensorboard.close()
+        self._tensorboard = None
+
+
+def format_row(row: dict[str, Any], total_rounds: int) -> str:
+    parts = [
+        f"round {row['round']}/{total_rounds}",
+        f"clients {row['clients']}" + (f" ({row['dropped']} dropped)" if row["dropped"] else ""),
+        f"train_loss {row['train_loss']:.4f}",
+        f"eval_loss {row['eval_loss']:.4f}",
+        f"eval_acc {row['eval_accuracy']:.4f}",
+    ]
+    if not math.isnan(row["aggregation_error"]):
+        parts.append(f"agg_err {row['aggregation_error']:.2e}")
+    if math.isfinite(row["epsilon"]):
+        parts.append(f"eps {row['epsilon']:.3f}")
+    if row.get("secagg_aborted"):
+        parts.append("secagg aborted")
+    parts.append(f"{row['wall_s']:.1f}s")
+    return " | ".join(parts)

@@ -1,0 +1,140 @@
+"""The method protocol and the local runtime: today's metrics reproduced, Ray against the
+Ray-free local runtime over several rounds, and methods written outside raysim."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raysim import ConfigError, Simulation
+from raysim.config import CONFIG_DIR, load_config
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+from record_metrics import COLUMNS, METHODS, SETTINGS, overrides  # noqa: E402
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "metrics_3_rounds.json").read_text())
+
+
+def run(tmp_path, *args, rounds=None):
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", [f"output_dir={tmp_path / 'run'}", *args])
+    with Simulation(cfg) as sim:
+        sim.run(rounds, progress=False)
+        return sim.metrics.to_pylist(), sim.global_adapter(), sim.backend.get([w.export_states.remote() for w in sim.workers])
+
+
+def assert_rows_close(got, want, rtol, columns=COLUMNS):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for k in columns:
+            if not np.isfinite(w[k]):
+                assert str(g[k]) == str(w[k]), k  # inf (no privacy) or nan (not measured) on both
+            else:
+                assert g[k] == pytest.approx(w[k], rel=rtol, abs=1e-12), (k, g["round"])
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("method", METHODS)
+def test_the_protocol_reproduces_the_metrics_of_the_code_before_it(tmp_path, method, setting):
+    """tests/fixtures/metrics_3_rounds.json was recorded on main before the method protocol, with
+    FedIT and FFA-LoRA as hard-wired code paths (tests/fixtures/record_metrics.py)."""
+    rows, adapter, _ = run(tmp_path, "runtime=local", *overrides(method, setting))
+    want = FIXTURE[f"{method}/{setting}"]
+    assert_rows_close(rows, want["rows"], rtol=1e-6)
+    assert sorted(adapter) == sorted(want["adapter_sq_norms"])
+    for name, sq_norm in want["adapter_sq_norms"].items():
+        assert float(np.sum(np.asarray(adapter[name], np.float64) ** 2)) == pytest.approx(sq_norm, rel=1e-6)
+
+
+RAY_VS_LOCAL = {
+    "lora-momentum-rebalanced": ["method=lora", "clients.num=12", "clients.per_round=6", "server.momentum=0.9"],
+    "ffa_lora-local_dp": ["method=ffa_lora", "server.momentum=0.5", *SETTINGS["local_dp_sgd"]],
+    "lora-central_dp": ["method=lora", *SETTINGS["central_dp"]],
+    "ffa_lora-secagg-sgd": ["method=ffa_lora", "train.optimizer=sgd", "train.momentum=0.9", "train.lr=0.05", *SETTINGS["secagg"]],
+    "toy_residual": ["method=toy_residual", "method_args.step=0.002", "clients.num=12", "clients.per_round=6"],
+}
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("case", list(RAY_VS_LOCAL))
+def test_ray_equals_the_local_runtime_over_several_rounds(tmp_path, case):
+    """Four rounds with AdamW moments (or SGD momentum), server momentum, clients moved between
+    workers, DP noise streams and secure aggregation: the Ray runtime against the one without Ray."""
+    args = [*RAY_VS_LOCAL[case], "rounds=4", "eval.aggregation_error=true"]
+    ray_rows, ray_adapter, ray_states = run(tmp_path / "ray", "runtime=ray", *args)
+    local_rows, local_adapter, local_states = run(tmp_path / "local", "runtime=local", *args)
+    assert_rows_close(ray_rows, local_rows, rtol=1e-5, columns=(*COLUMNS, "aggregation_error"))
+    for name, value in local_adapter.items():
+        np.testing.assert_allclose(ray_adapter[name], value, rtol=1e-5, atol=1e-7)
+    merged = [{c: s for states in run_states for c, s in states.items()} for run_states in (ray_states, local_states)]
+    assert sorted(merged[0]) == sorted(merged[1])
+    for cid, state in merged[1].items():
+        assert merged[0][cid]["rng"] == state["rng"] and merged[0][cid]["cursor"] == state["cursor"]
+
+
+# SGD where two methods are compared: its steps are linear in the gradient, so float rounding
+# stays float rounding (AdamW's division by tiny second moments can amplify it to 1e-4).
+SGD = ("runtime=local", "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9")
+
+
+def test_a_method_in_its_own_file_changes_what_clients_send(tmp_path):
+    """tests/toy_residual.py: B rounded to a grid, the rest kept by the client for its next round."""
+    _, coarse, states = run(tmp_path / "coarse", *SGD, "method=toy_residual", "method_args.step=0.002")
+    _, fine, _ = run(tmp_path / "fine", *SGD, "method=toy_residual", "method_args.step=1e-9")
+    _, ffa, _ = run(tmp_path / "ffa", *SGD, "method=ffa_lora")
+    b_names = [k for k in ffa if ".lora_B." in k]
+    for name in ffa:
+        np.testing.assert_allclose(fine[name], ffa[name], rtol=1e-5, atol=1e-8)  # a grid this fine changes nothing
+    assert max(float(np.abs(coarse[k] - ffa[k]).max()) for k in b_names) > 1e-4
+    residuals = [s["method_state"] for worker in states for s in worker.values() if s["method_state"]]
+    assert residuals, "clients keep their residual between rounds"
+    for residual in residuals:
+        assert sorted(residual) == sorted(k for k in ffa)
+        assert all(np.abs(r).max() <= 0.001 + 1e-7 for r in residual.values())  # rounding leaves at most half a step
+
+
+def test_a_per_client_method_gets_each_message_and_refuses_what_would_reveal_them(tmp_path):
+    _, per_client, _ = run(tmp_path / "pc", *SGD, "method=toy_per_client")
+    _, ffa, _ = run(tmp_path / "ffa", *SGD, "method=ffa_lora")
+    for name in ffa:
+        np.testing.assert_allclose(per_client[name], ffa[name], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="secagg.enabled: method toy_per_client aggregates each client's own message"):
+        load_config(CONFIG_DIR / "tiny.yaml", ["method=toy_per_client", "secagg.enabled=true"])
+    with pytest.raises(ConfigError, match="privacy.mode: method toy_per_client"):
+        load_config(CONFIG_DIR / "tiny.yaml", ["method=toy_per_client", *SETTINGS["central_dp"]])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method=flora", "method: 'flora' is not one of lora, ffa_lora"),
+        ("method=no_such_module.x", "method: 'no_such_module.x' is not a method of raysim and cannot be imported"),
+        ("method_args.step=1", "method_args.step: not an option of method ffa_lora (its options: none)"),
+        ("runtime=threads", "runtime: 'threads' is not one of ray, local"),
+        ("eval.aggregation_error=maybe", "eval.aggregation_error: must be true, false or 'auto'"),
+    ],
+)
+def test_method_and_runtime_keys_are_checked(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG_DIR / "tiny.yaml", [override])
+    assert str(err.value).startswith(message)
+
+
+def test_a_methods_options_are_checked_like_every_other_key():
+    with pytest.raises(ConfigError, match=r"^method_args.stp: not an option of method toy_residual \(its options: step\)"):
+        load_config(CONFIG_DIR / "tiny.yaml", ["method=toy_residual", "method_args.stp=1"])
+    with pytest.raises(ConfigError, match="step: -1.0 must be > 0"):
+        load_config(CONFIG_DIR / "tiny.yaml", ["method=toy_residual", "method_args.step=-1"])
+    with pytest.raises(ConfigError, match="method_args.step"):
+        load_config(CONFIG_DIR / "tiny.yaml", ["method=toy_residual", "method_args.step=abc"])
+
+
+def test_the_cli_runs_the_local_runtime_without_ray(tmp_path):
+    probe = "import sys; from raysim.cli import main; code = main(sys.argv[1:]); print('RAY_IMPORTED', 'ray' in sys.modules); sys.exit(code)"
+    args = ["run", "configs/tiny.yaml", "runtime=local", "rounds=2", f"output_dir={tmp_path / 'out'}", "--quiet"]
+    proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=CONFIG_DIR.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "round 2/2" in proc.stderr and "RAY_IMPORTED False" in proc.stdout
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
