@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from raysim.config import ConfigError, UserError, flatten
 
-FORMAT = 1
+FORMAT = 2  # 2: the server's state is the method protocol's ServerState
 STATE_FILE = "state.pkl"
 _PREFIX = "round-"
 
