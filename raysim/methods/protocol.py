@@ -155,6 +155,10 @@ class Method:
         """What a sampled client downloads and starts from."""
         return state.adapter
 
+    def broadcast_bytes(self, sent: Mapping[str, np.ndarray]) -> int:
+        """The size of :meth:`broadcast` on the wire, per client (a sparse one counts its values and indices)."""
+        return int(sum(v.nbytes for v in sent.values()))
+
     def message_template(self, state: ServerState) -> dict[str, np.ndarray]:
         """Arrays of the names, shapes and dtypes of a message's summable part: what the server
         decodes a secure sum into, and noises under central DP when no client took part."""

@@ -94,7 +94,7 @@ class Server:
         the reference)."""
         if self._broadcast is None:
             sent = self.method.broadcast(self.state)
-            self._broadcast = [self._put(sent), int(sum(v.nbytes for v in sent.values()))]
+            self._broadcast = [self._put(sent), self.method.broadcast_bytes(sent)]
         return self._broadcast
 
     def aggregate(self, round_idx: int, weight_total: float, *payloads: WorkerPayload) -> ServerReport:
