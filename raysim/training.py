@@ -53,8 +53,12 @@ class ClientState:
                 for i, moments in self.optimizer_state.items()
             },
             "accountant_history": None if self.accountant is None else [tuple(h) for h in self.accountant.history],
-            "method_state": {k: v.detach().cpu().numpy() if torch.is_tensor(v) else v for k, v in self.method_state.items()},
+            "method_state": self.plain_method_state(),
         }
+
+    def plain_method_state(self) -> dict[str, Any]:
+        """The method's state with its tensors as numpy arrays."""
+        return {k: v.detach().cpu().numpy() if torch.is_tensor(v) else v for k, v in self.method_state.items()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], device: torch.device, make_accountant: Callable[[], Any] | None = None) -> "ClientState":
@@ -67,13 +71,16 @@ class ClientState:
             {i: {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in m.items()} for i, m in values["optimizer_state"].items()},
             device,
         )
-        state.method_state = {
-            k: torch.from_numpy(np.array(v)).to(device) if isinstance(v, np.ndarray) else v for k, v in values.get("method_state", {}).items()
-        }
+        state.method_state = method_state_to(values.get("method_state", {}), device)
         if values["accountant_history"] is not None and make_accountant is not None:
             state.accountant = make_accountant()
             state.accountant.history = [tuple(h) for h in values["accountant_history"]]
         return state
+
+
+def method_state_to(saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A method's client state with its arrays as tensors on ``device``."""
+    return {k: torch.from_numpy(np.array(v)).to(device) if isinstance(v, np.ndarray) else v for k, v in saved.items()}
 
 
 def moments_to(saved: dict[int, dict], device: torch.device) -> dict[int, dict]:

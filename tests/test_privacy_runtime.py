@@ -46,7 +46,7 @@ def test_central_dp_epsilon_matches_opacus_and_stops_at_the_target(tmp_path):
         global_ref, _ = ray.get(sim.server.broadcast.remote())
         cid = sim.worker_clients[0][0]
         train = TrainSettings(lr=1.0, lr_decay=1.0, local_steps=5, batch_size=16, weighting="examples")
-        report, payload = ray.get(sim.workers[0].train_clients.remote(global_ref, [cid], 99, train))
+        report, payload, _ = ray.get(sim.workers[0].train_clients.remote(global_ref, [cid], 99, train))
         norm = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in payload.delta_sum.values()))
         assert report.weight == 1.0 and 0.05 * 0.99 < norm <= 0.05 * (1 + 1e-5)
 

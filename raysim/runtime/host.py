@@ -39,6 +39,7 @@ from raysim.training import (
     evaluate,
     load_adapter,
     local_train,
+    method_state_to,
     make_optimizer,
     saved_optimizer_state,
     shuffled_batches,
@@ -63,9 +64,10 @@ def _to_numpy(message: Message) -> Message:
 
 
 class ClientHost(SecAggClients):
-    # Methods that return (small result, payload): the ClientWorker actor declares them with
-    # ray.method(num_returns=2), so the payload can go to the server without the driver.
-    NUM_RETURNS = {"train_clients": 2, "secagg_share_keys": 2, "secagg_unmask": 2}
+    # Methods that return several objects (a small result, a payload, ...): the ClientWorker
+    # actor declares them with ray.method(num_returns=...), so a payload can go to the server, and
+    # clients' method state stay in the object store, without passing through the driver.
+    NUM_RETURNS = {"train_clients": 3, "secagg_share_keys": 2, "secagg_unmask": 2}
 
     def __init__(self, cfg: dict, index: int, num_labels: int, device: str = "cpu", threads: int | None = None):
         """``device``: the one Ray granted this worker (never found by probing CUDA); ``threads``:
@@ -98,18 +100,31 @@ class ClientHost(SecAggClients):
         self.states: dict[int, ClientState] = {}
         self.init_secagg()
 
-    def load(self, shards: tuple[pa.Table, np.ndarray], eval_tables: dict[str, pa.Table], privacy: LocalDPPlan | None = None) -> WorkerReady:
+    def load(
+        self,
+        shards: tuple[pa.Table, np.ndarray],
+        eval_tables: dict[str, pa.Table],
+        privacy: LocalDPPlan | None = None,
+        owned: list[int] | tuple = (),
+        *method_states: dict[int, dict],
+    ) -> WorkerReady:
         """Take every client's rows (one table and the clients' offsets into it, one object shared
         by the workers of a node, so any worker can train any client) and this worker's evaluation
         slices, again after a restart; under local DP the clients' noise multipliers and the
-        accountant histories of the clients it owns (kept by the driver, so a restart never resets a
-        client's epsilon)."""
+        accountant histories of the clients it owns, and the method state of the ones it ``owned``
+        (the driver keeps both, so a restart never resets a client's epsilon or its method's
+        state)."""
         table, self.offsets = shards
         self.train_rows = _as_client_data(table)
         self.eval_sets = {name: _as_client_data(t) for name, t in eval_tables.items()}
         self.states = {}
         self.noise = privacy.noise if privacy else {}
         self.histories = privacy.histories if privacy else {}
+        mine = set(owned)
+        for states in method_states:
+            for cid, values in states.items():
+                if cid in mine:
+                    self._state(cid).method_state = method_state_to(values, self.device)
         return self.ready()
 
     def _state(self, cid: int) -> ClientState:
@@ -220,10 +235,12 @@ class ClientHost(SecAggClients):
         inbox: dict | None = None,
         weight_scale: float = 1.0,
         *arrivals: dict[int, dict],
-    ) -> tuple[WorkerReport, WorkerPayload | MaskedPayload]:
+    ) -> tuple[WorkerReport, WorkerPayload | MaskedPayload, dict[int, dict]]:
         """Train each client from the global adapter, turn its trained tensors into its method's
-        message, and return (small report, partial sums). ``arrivals``: the states of clients
-        handed over by other workers this round (top-level arguments, so Ray resolves them here).
+        message, and return (small report, partial sums, the trained clients' method state where
+        the method keeps one; the driver holds on to its reference). ``arrivals``: the states of
+        clients handed over by other workers this round (top-level arguments, so Ray resolves them
+        here).
 
         With secure aggregation, ``inbox`` holds the encrypted shares each client received, and the
         partial sum is the sum of the clients' masked inputs mod 2^k (weights divided by
@@ -292,6 +309,7 @@ class ClientHost(SecAggClients):
                             product_sum[prefix].add_(product, alpha=weight)
                         else:
                             product_sum[prefix] = product * weight
+        kept = {cid: plain for cid in trained if (plain := self.states[cid].plain_method_state())}
         report = WorkerReport(
             worker=self.index,
             clients=trained,
@@ -302,15 +320,16 @@ class ClientHost(SecAggClients):
             uplink_bytes=sent_bytes,
             privacy=privacy,
             secagg_clipped=clipped,
+            method_state_clients=sorted(kept),
         )
         if secure:
-            return report, MaskedPayload(senders=trained, masked=masked if trained else None)
+            return report, MaskedPayload(senders=trained, masked=masked if trained else None), kept
         payload = WorkerPayload(
             delta_sum={k: v.cpu().numpy() for k, v in delta_sum.items()},
             product_sum={k: v.cpu().numpy() for k, v in product_sum.items()},
             messages=messages,
         )
-        return report, payload
+        return report, payload, kept
 
     def _sketches(self, round_idx: int) -> dict[str, torch.Tensor | None]:
         """The round's sketch matrix per LoRA module (None: exact products), the server's too."""

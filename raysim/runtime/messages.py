@@ -36,6 +36,7 @@ class WorkerReport:
     uplink_bytes: int  # the real size of the clients' messages
     privacy: dict[int, ClientPrivacy] = field(default_factory=dict)
     secagg_clipped: int = 0  # values clipped before encoding (secure aggregation)
+    method_state_clients: list[int] = field(default_factory=list)  # whose method state the third object holds
 
 
 @dataclass

@@ -67,5 +67,10 @@ def restore(sim: Simulation, saved: dict[str, Any]) -> None:
     for cid, values in saved["clients"].items():
         by_owner.setdefault(sim.client_worker[cid], {})[cid] = values
     get([sim.workers[w].import_states.remote(states) for w, states in by_owner.items()])
+    for states in by_owner.values():  # what a worker restarted before these clients train again gets back
+        kept = {cid: values["method_state"] for cid, values in states.items() if values.get("method_state")}
+        if kept:
+            ref = sim.backend.put(kept)
+            sim.method_states.update(dict.fromkeys(kept, ref))
     sim.round = saved["round"]
     sim.rows = list(saved["rows"])

@@ -53,12 +53,12 @@ def place(sim: Simulation, round_idx: int, sampled: list[int]) -> tuple[dict[int
 
 
 def gather(sim: Simulation, round_idx: int, calls: dict[int, tuple], by_worker: dict[int, list[int]], stage: str) -> dict[int, tuple]:
-    """(small result, payload reference) of each worker call that succeeded. A worker that died
+    """(small result, the other references) of each worker call that succeeded. A worker that died
     is handed its data again once Ray has restarted it; its clients drop out of the round."""
     done = {}
-    for w, (result_ref, payload_ref) in calls.items():
+    for w, (result_ref, *other_refs) in calls.items():
         try:
-            done[w] = (sim.backend.get(result_ref), payload_ref)
+            done[w] = (sim.backend.get(result_ref), *other_refs)
         except sim.backend.lost as err:
             log.warning(
                 "round %d: worker %d died during %s (%s); its %d clients count as dropped",
@@ -81,8 +81,17 @@ def plain_round(
         for w, ids in by_worker.items()
     }
     trained = gather(sim, round_idx, calls, by_worker, "training")
-    reports = [report for report, _ in trained.values()]
+    keep_method_states(sim, trained)
+    reports = [report for report, *_ in trained.values()]
     weight = sum(r.weight for r in reports)
     started = time.perf_counter()
-    server_report = sim.backend.get(sim.server.aggregate.remote(round_idx, weight, *(ref for _, ref in trained.values())))
+    server_report = sim.backend.get(sim.server.aggregate.remote(round_idx, weight, *(ref for _, ref, _ in trained.values())))
     return reports, server_report, {"aggregate_s": time.perf_counter() - started}
+
+
+def keep_method_states(sim: Simulation, trained: dict[int, tuple]) -> None:
+    """The driver keeps, per client, the reference to its newest method state (held in the object
+    store, never fetched), so a worker restarted by Ray gets its clients' state back."""
+    for report, _, kept_ref in trained.values():
+        for cid in report.method_state_clients:
+            sim.method_states[cid] = kept_ref

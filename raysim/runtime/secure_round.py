@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from raysim.runtime.messages import ServerReport, TrainSettings, WorkerReport
-from raysim.runtime.rounds import gather
+from raysim.runtime.rounds import gather, keep_method_states
 from raysim.secagg.protocol import SecAggAborted
 
 if TYPE_CHECKING:
@@ -43,8 +43,9 @@ def secure_round(
             for w, inbox in zip(alive, inboxes)
         }
         trained = gather(sim, round_idx, calls, by_worker, "training")
-        reports = [report for report, _ in trained.values()]
-        senders = get(server.secagg_collect.remote(round_idx, *(ref for _, ref in trained.values())))
+        keep_method_states(sim, trained)
+        reports = [report for report, *_ in trained.values()]
+        senders = get(server.secagg_collect.remote(round_idx, *(ref for _, ref, _ in trained.values())))
         revealed = gather(sim, round_idx, {w: workers[w].secagg_unmask.remote(round_idx, senders) for w in trained}, by_worker, "unmasking")
         server_report = get(server.secagg_aggregate.remote(round_idx, *(ref for _, ref in revealed.values())))
         aborted, aggregated = "", len(senders)

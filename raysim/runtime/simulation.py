@@ -60,6 +60,7 @@ class Simulation:
         self.method = build_method(self.cfg)
         self.round = 0
         self.rows: list[dict[str, Any]] = []
+        self.method_states: dict[int, Any] = {}  # client -> reference to its newest method state
         self.workers: list[Any] = []
         self.server: Any = None
         self._owns_ray = self._started_ray = False
@@ -189,19 +190,23 @@ class Simulation:
         return groups
 
     def _load_args(self, w: int) -> tuple:
-        """What worker ``w`` is loaded with: the shards, its evaluation slices, and under local DP
-        the clients' noise and the accountant histories so far of the clients it owns."""
+        """What worker ``w`` is loaded with: the shards, its evaluation slices, under local DP the
+        clients' noise and the accountant histories so far of the clients it owns, and the
+        references to those clients' method state (top-level arguments: Ray resolves them there)."""
         privacy = None
         if self.budget.mode == "local_dp_sgd":
             privacy = LocalDPPlan(
                 noise=dict(enumerate(self.budget.noise)),
                 histories={c: self.budget.histories.get(c, []) for c in self.worker_clients[w]},
             )
-        return (self._shards_ref, self._eval_refs[w], privacy)
+        owned = self.worker_clients[w]
+        refs = list({id(ref): ref for c in owned if (ref := self.method_states.get(c)) is not None}.values())
+        return (self._shards_ref, self._eval_refs[w], privacy, owned, *refs)
 
     def reload(self, w: int, timeout_s: float = 300.0) -> None:
         """After a worker died: wait until Ray has restarted it, then hand it its data again. Its
-        clients start over with fresh local state (optimizer moments, data order)."""
+        clients start over with fresh optimizer moments and data order; their accountants and
+        method state come back."""
         if self.cfg.worker.max_restarts == 0 or self.backend.name != "ray":
             return
         from ray.exceptions import ActorUnavailableError
@@ -210,7 +215,7 @@ class Simulation:
         while time.monotonic() < deadline:
             try:
                 self.backend.get(self.workers[w].load.remote(*self._load_args(w)))
-                log.warning("worker %d was restarted; its clients' local state starts over", w)
+                log.warning("worker %d was restarted; its clients' optimizer moments and data order start over", w)
                 return
             except ActorUnavailableError:
                 time.sleep(0.5)

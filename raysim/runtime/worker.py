@@ -35,7 +35,7 @@ class ClientWorker:
     def initial_adapter(self):
         return self.host.initial_adapter()
 
-    @ray.method(num_returns=2)
+    @ray.method(num_returns=3)
     def train_clients(self, *args, **kwargs):
         return self.host.train_clients(*args, **kwargs)
 
