@@ -78,7 +78,17 @@ def run(args: list[str], quiet: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    parsed = _parser().parse_args(argv)
+    parser = _parser()
+    # Options anywhere, as in `raysim run CONFIG --quiet key=value`: argparse gives a subcommand's
+    # positionals after an option back as unknown, and they are the run's overrides.
+    parsed, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown or (extra and parsed.command not in ("run", "submit")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if parsed.command == "run":
+        parsed.args += extra
+    elif parsed.command == "submit":
+        parsed.overrides += extra
     try:
         if parsed.command == "run":
             return run(parsed.args, parsed.quiet)

@@ -92,3 +92,30 @@ def test_cli_bad_input_exits_2_with_one_line(args, expect, tmp_path):
     errors = [line for line in lines if line.startswith("raysim: error:")]
     assert errors == [lines[-1]] and expect in lines[-1] and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_cli_takes_options_between_the_config_and_the_overrides(tmp_path):
+    out = tmp_path / "out"
+    args = ["run", "configs/tiny.yaml", "--quiet", "runtime=local", "rounds=1", f"output_dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "raysim", *args], capture_output=True, text=True, cwd=CONFIG_DIR.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "round 1/1" in proc.stderr and (out / "metrics.parquet").exists()
+    proc = subprocess.run([sys.executable, "-m", "raysim", "run", "configs/tiny.yaml", "--loud"], capture_output=True, text=True, cwd=CONFIG_DIR.parent)
+    assert proc.returncode == 2 and "unrecognized arguments: --loud" in proc.stderr
+
+
+def test_an_output_dir_that_cannot_be_created_fails_before_anything_starts(tmp_path):
+    from raysim import Simulation, UserError
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"output_dir: '.*a_file/run' cannot be created: '.*a_file' is a file"):
+        Simulation(load_config(CONFIG_DIR / "tiny.yaml", [f"output_dir={tmp_path / 'a_file' / 'run'}", "runtime=local"]))
+
+
+def test_a_config_edited_after_loading_is_checked_like_one_loaded():
+    from raysim import Simulation, UserError
+
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", ["output_dir=/tmp/unused", "runtime=local"])
+    cfg.train.weighting = "by_size"
+    with pytest.raises(UserError, match="train.weighting: 'by_size' is not one of examples, uniform"):
+        Simulation(cfg)

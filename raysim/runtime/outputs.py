@@ -29,10 +29,17 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def check_output_dir(cfg: DictConfig, resumed_run: Path | None) -> Path:
+    """output_dir, checked before anything starts: it is a directory this process can create (or
+    write), and not another run's unless overwrite or resuming that run."""
     out = Path(cfg.output_dir)
     continuing = resumed_run is not None and out.resolve() == resumed_run.resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite and not continuing:
         raise UserError(f"output_dir: '{out}' already exists and is not empty; choose another or pass overwrite=true")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"output_dir: '{out}' cannot be created: '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir: '{out}' cannot be {'written' if existing == out.absolute() else 'created'}: no write permission in '{existing}'")
     return out
 
 

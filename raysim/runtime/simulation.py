@@ -53,7 +53,11 @@ class Simulation:
         started = time.perf_counter()
         if isinstance(cfg, (str, os.PathLike)):
             cfg = load_config(cfg)
-        self.cfg = cfg if isinstance(cfg, DictConfig) else from_dict(cfg)
+        if isinstance(cfg, DictConfig):
+            validate(cfg)  # as load_config and from_dict do: a config edited by hand is checked too
+            self.cfg = cfg
+        else:
+            self.cfg = from_dict(cfg)
         self.resumed_from, saved = resume.read_resume(self.cfg)
         self.output_dir = check_output_dir(self.cfg, self.resumed_from and resume.run_dir_of(self.resumed_from))
         self.outputs = RunOutputs(self.output_dir)
