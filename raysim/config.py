@@ -392,7 +392,6 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_method(cfg: DictConfig) -> None:
     from raysim.methods import method_class, method_options
-    from raysim.methods.protocol import Aggregation
 
     try:
         cls = method_class(cfg.method)
@@ -402,10 +401,10 @@ def _validate_method(cfg: DictConfig) -> None:
         method_options(cls, cfg.method_args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cls.aggregation is Aggregation.PER_CLIENT:
-        why = f"method {cfg.method} aggregates each client's own message, and the server would then see it"
-        _check(not cfg.secagg.enabled, "secagg.enabled", f"{why}: secure aggregation cannot hide it; use a summable method")
-        _check(cfg.privacy.mode != "central_dp", "privacy.mode", f"{why}: central DP noises only a sum; use local_dp_sgd")
+    conflicts = cls.conflicts(cfg)
+    if conflicts:
+        key, why = conflicts[0]
+        raise ConfigError(f"{key}: {why}")
 
 
 def _validate_privacy(cfg: DictConfig) -> None:

@@ -100,3 +100,12 @@ def test_startup_reports_ray_start_and_the_floor_apart(tmp_path):
     assert floor["ready_s"] > floor["ray_start_s"] > 0
     assert result["raysim_own_s"] == run["beyond_ray_s"] - floor["beyond_ray_s"]
     assert result["ray_start_extra_s"] == run["ray_start_s"] - floor["ray_start_s"]
+
+
+def test_methods_benchmark_reports_each_methods_costs(tmp_path):
+    out = tmp_path / "methods.json"
+    assert _load("methods").main(["--configs", "tiny", "--methods", "ffa_lora", "flasc", "--rounds", "1", "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["flasc"]["uplink_bytes_per_client"] < 0.5 * 4 * rows["flasc"]["adapter_values"]  # density 0.25, values plus positions
+    assert rows["ffa_lora"]["uplink_bytes_per_client"] == 4 * rows["ffa_lora"]["adapter_values"]
+    assert all(r["client_ms_per_step"] > 0 and r["server_ms_per_round"] > 0 for r in rows.values())

@@ -67,9 +67,10 @@ def _encoding_flip(cfg) -> float:
 RAY_VS_LOCAL = {
     "lora-momentum-rebalanced": ["method=lora", "clients.num=12", "clients.per_round=6", "server.momentum=0.9"],
     "ffa_lora-local_dp": ["method=ffa_lora", "server.momentum=0.5", *SETTINGS["local_dp_sgd"]],
-    "lora-central_dp": ["method=lora", *SETTINGS["central_dp"]],
     "ffa_lora-secagg-sgd": ["method=ffa_lora", "train.optimizer=sgd", "train.momentum=0.9", "train.lr=0.05", *SETTINGS["secagg"]],
     "toy_residual": ["method=toy_residual", "method_args.step=0.002", "clients.num=12", "clients.per_round=6"],
+    "lora_fair-central_dp": ["method=lora_fair", *SETTINGS["central_dp"]],
+    "flasc-error_feedback": ["method=flasc", "method_args.error_feedback=true", "clients.num=12", "clients.per_round=6"],
 }
 
 
@@ -125,7 +126,7 @@ def test_a_per_client_method_gets_each_message_and_refuses_what_would_reveal_the
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("method=flora", "method: 'flora' is not one of lora, ffa_lora"),
+        ("method=flora", "method: 'flora' is not one of lora, ffa_lora, lora_fair, flasc"),
         ("method=no_such_module.x", "method: 'no_such_module.x' is not a method of raysim and cannot be imported"),
         ("method_args.step=1", "method_args.step: not an option of method ffa_lora (its options: none)"),
         ("runtime=threads", "runtime: 'threads' is not one of ray, local"),
@@ -183,8 +184,11 @@ def test_a_clients_method_state_survives_its_workers_restart(tmp_path):
             np.testing.assert_array_equal(after[cid]["method_state"][name], value)
 
 
-def test_a_resumed_run_with_method_state_equals_the_uninterrupted_one(tmp_path):
-    args = [*SGD, "method=toy_residual", "method_args.step=0.002", "checkpoint.every=2"]
+@pytest.mark.parametrize(
+    "method", [("method=toy_residual", "method_args.step=0.002"), ("method=flasc", "method_args.error_feedback=true")], ids=["toy_residual", "flasc"]
+)
+def test_a_resumed_run_with_method_state_equals_the_uninterrupted_one(tmp_path, method):
+    args = [*SGD, *method, "checkpoint.every=2"]
     whole = load_config(CONFIG_DIR / "tiny.yaml", [f"output_dir={tmp_path / 'whole'}", "rounds=4", *args])
     part = load_config(CONFIG_DIR / "tiny.yaml", [f"output_dir={tmp_path / 'part'}", "rounds=2", *args])
     with Simulation(whole) as sim:

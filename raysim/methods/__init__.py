@@ -14,10 +14,12 @@ import importlib.util
 from typing import Any, Mapping
 
 from raysim.methods.ffa_lora import FFALoRA
+from raysim.methods.flasc import FLASC
 from raysim.methods.lora import LoRA
+from raysim.methods.lora_fair import LoRAFAIR
 from raysim.methods.protocol import Method
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRA, FFALoRA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRA, FFALoRA, LoRAFAIR, FLASC)}
 
 
 def method_class(name: str) -> type[Method]:

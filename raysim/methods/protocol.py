@@ -110,6 +110,7 @@ class RoundInput:
     mean: dict[str, np.ndarray] | None
     weight_total: float
     messages: list[tuple[int, float, Message]] = field(default_factory=list)
+    update: dict[str, np.ndarray] | None = None  # Method.update of mean, where the server already computed it
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,21 @@ class Method:
         self.lora_rank = lora_rank
         self.server_lr, self.server_momentum = server_lr, server_momentum
 
+    @classmethod
+    def conflicts(cls, cfg: Any) -> list[tuple[str, str]]:
+        """(config key, why) for each setting of ``cfg`` this method cannot run with; the config
+        refuses the first, naming its key. A PER_CLIENT method's messages reach the server one by
+        one, which neither secure aggregation nor central DP (it noises only a sum) can hide."""
+        if cls.aggregation is not Aggregation.PER_CLIENT:
+            return []
+        why = f"method {cls.name} aggregates each client's own message, and the server would then see it"
+        found = []
+        if cfg.secagg.enabled:
+            found.append(("secagg.enabled", f"{why}: secure aggregation cannot hide it; use a summable method"))
+        if cfg.privacy.mode == "central_dp":
+            found.append(("privacy.mode", f"{why}: central DP noises only a sum; use local_dp_sgd"))
+        return found
+
     def adapter(self, client_id: int) -> AdapterSpec:
         return AdapterSpec(rank=self.lora_rank)
 
@@ -144,11 +160,18 @@ class Method:
     def init_server(self, adapter: Mapping[str, np.ndarray], frozen: Mapping[str, np.ndarray]) -> ServerState:
         return ServerState(adapter={k: np.array(v) for k, v in adapter.items()}, frozen={k: np.array(v) for k, v in frozen.items()})
 
+    def update(self, state: ServerState, mean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The round's update of the global adapter before the server optimizer, from the clients'
+        mean message: FedAvg's mean delta. The aggregation-error diagnostic measures the adapter
+        plus this update against the clients' mean product."""
+        return {k: mean[k] for k in state.adapter}
+
     def aggregate(self, state: ServerState, round_input: RoundInput) -> ServerState:
-        """Apply the mean delta through the server optimizer (FedAvgM; plain FedAvg at lr 1, momentum 0)."""
+        """Apply :meth:`update` through the server optimizer (FedAvgM; plain FedAvg at lr 1, momentum 0)."""
         if round_input.mean is None:
             return state
-        step, buffer = server_step(round_input.mean, state.optimizer or None, self.server_lr, self.server_momentum)
+        update = round_input.update if round_input.update is not None else self.update(state, round_input.mean)
+        step, buffer = server_step(update, state.optimizer or None, self.server_lr, self.server_momentum)
         return dataclasses.replace(state, adapter=apply_step(state.adapter, step), optimizer=buffer)
 
     def broadcast(self, state: ServerState) -> dict[str, np.ndarray]:

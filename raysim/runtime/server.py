@@ -65,11 +65,12 @@ class Server:
         self._put = put or (lambda value: value)
         self.state = ServerState(adapter={})
         self._broadcast: list | None = None
+        self._adapter_ref: list | None = None
 
     def initialize(self, initial_state: dict, frozen: dict) -> None:
         """Start from the adapter the workers built (same seed everywhere) and the tensors they keep frozen."""
         self.state = self.method.init_server(initial_state, frozen)
-        self._broadcast = None
+        self._broadcast = self._adapter_ref = None
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to continue: the server state (global adapter, optimizer, method state)."""
@@ -77,7 +78,7 @@ class Server:
 
     def load_state_dict(self, saved: dict) -> None:
         self.state = ServerState.from_dict(saved)
-        self._broadcast = None
+        self._broadcast = self._adapter_ref = None
 
     def sample(self, round_idx: int, per_round: int, excluded: list[int] | tuple = ()) -> list[int]:
         """Clients for this round, drawn from (seed, round) alone: ``per_round`` of the clients not
@@ -95,7 +96,18 @@ class Server:
         if self._broadcast is None:
             sent = self.method.broadcast(self.state)
             self._broadcast = [self._put(sent), self.method.broadcast_bytes(sent)]
+            if sent is self.state.adapter:
+                self._adapter_ref = self._broadcast[:1]
         return self._broadcast
+
+    def adapter_ref(self) -> list:
+        """[reference to the global adapter] (a list, as for :meth:`broadcast`): what evaluation and
+        saving use. It is the broadcast's unless the method sends clients something else (FLASC's
+        sparse copy)."""
+        self.broadcast()
+        if self._adapter_ref is None:
+            self._adapter_ref = [self._put(self.state.adapter)]
+        return self._adapter_ref
 
     def aggregate(self, round_idx: int, weight_total: float, *payloads: WorkerPayload) -> ServerReport:
         """Sum the workers' partial sums, post-process them into a mean, hand it (and any
@@ -109,17 +121,18 @@ class Server:
         if summable and (self.central_dp or (payloads and weight_total > 0)):
             summed = {k: sum((p.delta_sum[k] for p in payloads if k in p.delta_sum), np.zeros_like(v)) for k, v in template.items()}
             mean = self._mean(round_idx, summed, weight_total)
-        error = float("nan")
+        error, update = float("nan"), None
         if mean is not None and payloads and payloads[0].product_sum:
-            error = self._aggregation_error(round_idx, mean, weight_total, payloads)
+            update = self.method.update(self.state, mean)
+            error = self._aggregation_error(round_idx, update, weight_total, payloads)
         messages = [m for p in payloads for m in p.messages]
-        self._apply(RoundInput(round_idx, mean, weight_total, messages))
+        self._apply(RoundInput(round_idx, mean, weight_total, messages, update))
         return ServerReport(aggregation_error=error)
 
-    def _aggregation_error(self, round_idx: int, mean: dict[str, np.ndarray], weight_total: float, payloads) -> float:
-        """The error of averaging itself: the clients' mean adapter (before the server optimizer)
-        against the mean of their products, both through the round's sketch."""
-        averaged = {k: (v + mean[k]).astype(v.dtype) if k in mean else v for k, v in self.state.adapter.items()}
+    def _aggregation_error(self, round_idx: int, update: dict[str, np.ndarray], weight_total: float, payloads) -> float:
+        """The error of averaging itself: the adapter plus the round's update (before the server
+        optimizer) against the clients' mean product, both through the round's sketch."""
+        averaged = {k: (v + update[k]).astype(v.dtype) if k in update else v for k, v in self.state.adapter.items()}
         products = {}
         for prefix, (left, right) in self.method.factors(averaged, self.state.frozen).items():
             sketch = sketch_matrix(prefix, right.shape[1], self.sketch_columns, self.seed, round_idx)
@@ -139,7 +152,7 @@ class Server:
 
     def _apply(self, round_input: RoundInput) -> None:
         self.state = self.method.aggregate(self.state, round_input)
-        self._broadcast = None
+        self._broadcast = self._adapter_ref = None
 
     # Secure aggregation: the server's side of one SecAgg+ round, in the order the driver calls it.
     # Each step raises SecAggAborted when the round cannot finish; the global adapter is then unchanged.

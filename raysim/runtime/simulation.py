@@ -346,7 +346,7 @@ class Simulation:
         return self.metrics
 
     def _evaluate(self, split: str) -> dict[str, float]:
-        global_ref, _ = self.backend.get(self.server.broadcast.remote())
+        (global_ref,) = self.backend.get(self.server.adapter_ref.remote())
         calls = [worker.evaluate.remote(global_ref, split) for worker in self.workers]  # all in parallel
         results = []
         for w, call in enumerate(calls):
@@ -380,7 +380,7 @@ class Simulation:
     def save_adapter(self, path: str | os.PathLike | None = None) -> Path:
         """Write the global adapter as a PEFT adapter directory (default: output_dir/adapter)."""
         path = Path(path) if path is not None else self.output_dir / "adapter"
-        global_ref, _ = self.backend.get(self.server.broadcast.remote())
+        (global_ref,) = self.backend.get(self.server.adapter_ref.remote())
         for worker in self.workers:
             try:
                 files = self.backend.get(worker.adapter_files.remote(global_ref))
