@@ -104,6 +104,9 @@ class DataConfig:
     test_fraction: float = 0.2
     # Carved from the training rows, for tuning without touching the test split.
     validation_fraction: float = 0.0
+    # Training rows held out from every client (a seeded sample) as a public split, for methods
+    # that initialise from public data (fed_sb); 0 = none.
+    public_rows: int = 0
     partition: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     # One row per client: that client's label mix (rows sum to 1), as in the FFA-LoRA paper.
@@ -331,6 +334,7 @@ def validate(cfg: DictConfig) -> None:
         f"'{cfg.data.path}' is not a .csv, .parquet or .jsonl file",
     )
     _check(cfg.data.max_rows >= 0, "data.max_rows", "must be >= 0")
+    _check(cfg.data.public_rows >= 0, "data.public_rows", "must be >= 0")
     _check(cfg.data.max_length >= 8, "data.max_length", "must be >= 8")
     _check(0 < cfg.data.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
     _check(0 <= cfg.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")

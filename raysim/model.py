@@ -66,12 +66,14 @@ def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> tor
 
     A matrices come from :func:`seeded_lora_a` (same in every process); the LoRA tensors the
     method's adapter does not train are frozen (every client trains the same tensors: see
-    :meth:`raysim.methods.protocol.Method.adapter`). The task head is part of the adapter (PEFT's
-    modules_to_save).
+    :meth:`raysim.methods.protocol.Method.adapter`), after the method's own change to the model's
+    structure (:meth:`~raysim.methods.protocol.Method.prepare_model`). The task head is part of the
+    adapter (PEFT's modules_to_save).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    spec = build_method(cfg).adapter(0)
+    method = build_method(cfg)
+    spec = method.adapter(0)
     name = cfg.model.name_or_path
     overrides = dict(cfg.model.config_overrides)
     torch.manual_seed(cfg.seed)  # same random base weights and head everywhere
@@ -82,6 +84,7 @@ def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> tor
         model = quiet_load("a model from", name, lambda: AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **overrides))
     model.to(device)  # before get_peft_model, so adapter tensors are created on the device
     model = _wrap_lora(cfg, model)
+    method.prepare_model(model)
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if is_lora_a(param_name):

@@ -201,6 +201,15 @@ def local_train(
     return float(total) / counted if counted else math.nan
 
 
+def backward_mean_loss(model: torch.nn.Module, data: ClientData, batch_size: int, device: torch.device) -> None:
+    """Accumulate into ``.grad`` the gradient of the mean loss over all of ``data``'s rows, batch by batch."""
+    order = np.argsort(data.lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        ids, mask, labels = collate(data, order[start : start + batch_size], device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (F.cross_entropy(logits, labels, reduction="sum") / len(order)).backward()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: ClientData, batch_size: int, device: torch.device) -> tuple[float, int, int]:
     """(summed loss, correct predictions, examples); batches of similar length to limit padding."""

@@ -98,3 +98,11 @@ def round_killing_a_worker(sim, worker: int, after_s: float) -> dict:
     thread.join(timeout=180)
     result["killed_pid"] = pid
     return result
+
+
+def secagg_mean_error_bound(count, weight_sum, mean, clip, bits):
+    """Worst-case error of sum(w_i x_i) / sum(w_i) when both sums are decoded from the fixed-point
+    encoding: each encoded value is off by less than one step 2c / (2^bits - 1)."""
+    step = 2 / (2**bits - 1)
+    err_sum, err_weight = count * clip * step, count * step
+    return (err_sum + np.abs(mean) * err_weight) / (weight_sum - err_weight)

@@ -11,6 +11,8 @@ from raysim import ConfigError, Simulation
 from raysim.config import CONFIG_DIR, load_config
 from raysim.methods.flasc import sparse_nbytes
 
+from conftest import secagg_mean_error_bound
+
 SGD = ("runtime=local", "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9")
 NO_DROPOUT = ("model.config_overrides.hidden_dropout_prob=0", "model.config_overrides.attention_probs_dropout_prob=0", "lora.dropout=0")
 FLASC_EF = ("method=flasc", "method_args.error_feedback=true")
@@ -76,17 +78,24 @@ def test_flasc_refuses_secure_aggregation_naming_the_key():
 
 
 def test_lora_fair_under_secure_aggregation_equals_plaintext_within_the_encoding_bound(tmp_path):
-    """The masked vector carries each module's B_k A_k beside the factors; its decoded mean is
-    off by at most the fixed-point step per value (tests/test_secagg_runtime.py derives the bound)."""
+    """The masked vector carries each module's B_k A_k beside the factors. With server.lr 1, A and
+    the head move by their decoded mean, off by at most conftest's bound (weights at most 1, the
+    largest exactly 1); B also takes the correction solved from the decoded products and Ā, which
+    can magnify that error, so it is held to 10x the bound (on 2026-12-02 it stayed within 1x)."""
     clip, bits = 0.5, 16
     args = ("runtime=local", "method=lora_fair", "method_args.distance=least_squares", f"secagg.clip_range={clip}", f"secagg.bits={bits}")
-    plain_rows, plain, _ = run(tmp_path / "plain", *args, rounds=1)
+    plain_rows, plain, start = run(tmp_path / "plain", *args, rounds=1)
     secure_rows, secure, _ = run(tmp_path / "secure", *args, "secagg.enabled=true", rounds=1)
     assert secure_rows[0]["secagg_clipped"] == 0 and not secure_rows[0]["secagg_aborted"]
     assert secure_rows[0]["uplink_bytes"] > 3 * plain_rows[0]["uplink_bytes"]  # the dense products are sent masked
-    step = 2 * clip / (2**bits - 1)
+    clients = plain_rows[0]["clients"]
     for name, value in plain.items():
-        np.testing.assert_allclose(secure[name], value, atol=50 * step)
+        bound = secagg_mean_error_bound(clients, 1.0, value.astype(np.float64) - start[name], clip, bits)
+        off = np.abs(secure[name].astype(np.float64) - value)
+        if ".lora_B." in name:
+            assert off.max() <= 10 * bound.max(), name
+        else:
+            assert np.all(off <= bound + 1e-6), name
     assert max(float(np.abs(secure[k] - plain[k]).max()) for k in plain) > 0  # it did go through the encoding
 
 

@@ -71,6 +71,7 @@ RAY_VS_LOCAL = {
     "toy_residual": ["method=toy_residual", "method_args.step=0.002", "clients.num=12", "clients.per_round=6"],
     "lora_fair-central_dp": ["method=lora_fair", *SETTINGS["central_dp"]],
     "flasc-error_feedback": ["method=flasc", "method_args.error_feedback=true", "clients.num=12", "clients.per_round=6"],
+    "fed_sb": ["method=fed_sb", "lora.rank=4", "data.public_rows=64"],
 }
 
 
@@ -126,7 +127,7 @@ def test_a_per_client_method_gets_each_message_and_refuses_what_would_reveal_the
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("method=flora", "method: 'flora' is not one of lora, ffa_lora, lora_fair, flasc"),
+        ("method=flora", "method: 'flora' is not one of lora, ffa_lora, lora_fair, flasc, fed_sb"),
         ("method=no_such_module.x", "method: 'no_such_module.x' is not a method of raysim and cannot be imported"),
         ("method_args.step=1", "method_args.step: not an option of method ffa_lora (its options: none)"),
         ("runtime=threads", "runtime: 'threads' is not one of ray, local"),

@@ -18,7 +18,7 @@ from raysim.secagg import shamir
 from raysim.secagg.encoding import ring_bits, ring_mask
 from raysim.secagg.protocol import dropout_stage, expand_mask, pairwise_mask
 
-from conftest import expected_round, round_killing_a_worker, tiny_config
+from conftest import expected_round, round_killing_a_worker, secagg_mean_error_bound, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -50,14 +50,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 class RecordingSimulation(Simulation):
     server_class = RecordingServer
-
-
-def _mean_error_bound(count, weight_sum, mean, clip, bits):
-    """Worst-case error of sum(w_i x_i) / sum(w_i) when both sums are decoded from the fixed-point
-    encoding: each encoded value is off by less than one step 2c / (2^bits - 1)."""
-    step = 2 / (2**bits - 1)
-    err_sum, err_weight = count * clip * step, count * step
-    return (err_sum + np.abs(mean) * err_weight) / (weight_sum - err_weight)
 
 
 def _one_round(cfg, simulation=Simulation):
@@ -100,7 +92,7 @@ def test_secure_training_equals_plaintext_training_within_the_encoding_bound(tmp
             sizes = sim.client_sizes
     assert all(not r["secagg_aborted"] and r["secagg_clipped"] == 0 for r in runs[True][1])
     weights = [sizes[c] / max(sizes) for c in sampled]
-    _within_bound(start, runs[False][0], runs[True][0], lambda mean: _mean_error_bound(len(sampled), sum(weights), mean, CLIP, BITS))
+    _within_bound(start, runs[False][0], runs[True][0], lambda mean: secagg_mean_error_bound(len(sampled), sum(weights), mean, CLIP, BITS))
     for plain, secure in zip(runs[False][1], runs[True][1]):
         assert secure["clients"] == plain["clients"]
         assert secure["eval_accuracy"] == pytest.approx(plain["eval_accuracy"], abs=0.01)
@@ -121,7 +113,7 @@ def test_a_secure_round_under_dp_equals_the_plaintext_round(tmp_path, privacy):
         _within_bound(start, plain, secure, lambda mean: bound)
     else:
         weights = [sizes[c] / max(sizes) for c in sampled]
-        _within_bound(start, plain, secure, lambda mean: _mean_error_bound(len(sampled), sum(weights), mean, CLIP, BITS))
+        _within_bound(start, plain, secure, lambda mean: secagg_mean_error_bound(len(sampled), sum(weights), mean, CLIP, BITS))
 
 
 def _seed_with_both_kinds_of_dropout(num, per_round, rate):
@@ -165,7 +157,7 @@ def test_the_server_receives_only_masked_sums_and_learns_only_the_survivors_tota
     weights = [sizes[c] / max(sizes) for c in senders]
     for name in expected:
         mean = expected[name].astype(np.float64) - start[name]
-        bound = _mean_error_bound(len(senders), sum(weights), mean, 0.5, 16)
+        bound = secagg_mean_error_bound(len(senders), sum(weights), mean, 0.5, 16)
         assert np.all(np.abs(secure[name].astype(np.float64) - expected[name]) <= bound + 1e-5), name
 
     calls = {}

@@ -13,13 +13,14 @@ import importlib
 import importlib.util
 from typing import Any, Mapping
 
+from raysim.methods.fed_sb import FedSB
 from raysim.methods.ffa_lora import FFALoRA
 from raysim.methods.flasc import FLASC
 from raysim.methods.lora import LoRA
 from raysim.methods.lora_fair import LoRAFAIR
 from raysim.methods.protocol import Method
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRA, FFALoRA, LoRAFAIR, FLASC)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRA, FFALoRA, LoRAFAIR, FLASC, FedSB)}
 
 
 def method_class(name: str) -> type[Method]:

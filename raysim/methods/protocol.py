@@ -23,10 +23,11 @@ Neither imports Ray, and the server side imports no torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, ContextManager, Mapping
 
 import numpy as np
 
@@ -127,6 +128,8 @@ class Method:
     # True where the averaged adapter reproduces mean_i(B_i A_i) by construction: the
     # aggregation-error diagnostic is then off unless asked for.
     exact: ClassVar[bool] = False
+    # True where the method initialises from the public split (data.public_rows) before round 1.
+    needs_public_data: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any, lora_rank: int, server_lr: float = 1.0, server_momentum: float = 0.0):
@@ -151,6 +154,26 @@ class Method:
 
     def adapter(self, client_id: int) -> AdapterSpec:
         return AdapterSpec(rank=self.lora_rank)
+
+    def prepare_model(self, model: Any) -> None:
+        """Change the freshly built PEFT model's structure in place (Fed-SB inserts R), before
+        the tensors the method does not train are frozen. Runs in every process that builds it."""
+
+    def public_init(self, model: Any, backward_mean_loss: Callable[[], None]) -> dict[str, np.ndarray]:
+        """With ``needs_public_data``: run once by one worker before round 1, tensors by parameter
+        name (frozen and trained alike) that every worker's model then takes. ``backward_mean_loss()``
+        accumulates into ``.grad`` the gradient of the mean loss over the public split."""
+        raise NotImplementedError(f"method {self.name} has no public_init")
+
+    def plain_lora(self, model: Any) -> ContextManager[None]:
+        """A block within which the model's LoRA tensors express the adapter as plain LoRA, for
+        PEFT's save (Fed-SB folds R into A); the model is restored after it."""
+        return contextlib.nullcontext()
+
+    def frozen_download_bytes(self, frozen: Mapping[str, np.ndarray]) -> int:
+        """What a client downloads once, before its first round, of the frozen tensors: none
+        where they derive from the run's seed (FFA-LoRA's A)."""
+        return 0
 
     def client_message(self, update: ClientUpdate, state: dict[str, Any]) -> Message:
         """The client's delta from the broadcast. ``state``: this client's method state, which the

@@ -10,9 +10,10 @@ batch size = batch_size), the sampling Opacus' accountants assume.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -77,6 +78,16 @@ class DPSGD:
         )
         criterion = nn.CrossEntropyLoss()
         self.loss = DPLossFastGradientClipping(self.hooks, self.optimizer, criterion, "mean") if ghost else criterion
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """A block without per-sample gradients: a backward pass that is not a client's DP-SGD
+        step (Fed-SB's initialisation on the public split)."""
+        self.hooks.disable_hooks()
+        try:
+            yield
+        finally:
+            self.hooks.enable_hooks()
 
     def set_client(self, noise_multiplier: float, expected_batch_size: float, generator: torch.Generator) -> None:
         """Noise, normalisation and noise generator for the next client's steps."""

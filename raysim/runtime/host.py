@@ -10,6 +10,7 @@ not one message per client.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -35,6 +36,7 @@ from raysim.secagg.encoding import ring_mask
 from raysim.runtime.messages import LocalDPPlan, MaskedPayload, TrainSettings, WorkerPayload, WorkerReady, WorkerReport
 from raysim.training import (
     ClientData,
+    backward_mean_loss,
     ClientState,
     evaluate,
     load_adapter,
@@ -217,6 +219,22 @@ class ClientHost(SecAggClients):
         rows, start, end = self.train_rows, self.offsets[cid], self.offsets[cid + 1]
         assert rows is not None, "train_clients before load"
         return ClientData(rows.ids[start:end], rows.lengths[start:end], rows.labels[start:end])
+
+    def public_init(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """The method's initialisation from the public split (``Method.public_init``)."""
+        data = _as_client_data(table)
+        with self.dp.paused() if self.dp else contextlib.nullcontext():
+            return self.method.public_init(self.model, lambda: backward_mean_loss(self.model, data, int(self.cfg.eval.batch_size), self.device))
+
+    def install(self, tensors: dict[str, np.ndarray]) -> int:
+        """Set the resident model's tensors by name (the server's frozen ones, or a method's
+        initialisation), in place; returns how many."""
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                named[name].copy_(torch.from_numpy(np.asarray(value)))
+        self.frozen_a = {k: torch.from_numpy(v).to(self.device) for k, v in frozen_lora_a(self.model).items()}
+        return len(tensors)
 
     def initial_adapter(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(trained-and-sent tensors, frozen A matrices) of the freshly built adapter."""
@@ -405,6 +423,6 @@ class ClientHost(SecAggClients):
     def adapter_files(self, global_state: dict) -> dict[str, bytes]:
         """The global adapter saved by PEFT, as file contents (the driver may be on another node)."""
         load_adapter(self.params, self._to_device(global_state))
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, self.method.plain_lora(self.model):
             self.model.save_pretrained(tmp)
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}

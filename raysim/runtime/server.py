@@ -243,3 +243,7 @@ class Server:
 
     def global_state(self) -> dict:
         return self.state.adapter
+
+    def frozen_state(self) -> dict:
+        """The tensors every client keeps frozen, which every worker's model holds."""
+        return self.state.frozen

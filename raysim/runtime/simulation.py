@@ -107,6 +107,9 @@ class Simulation:
                 )
             self._shards_ref, self._eval_refs = bootstrap.put_data(self, data, num_workers)
             ready = self.backend.get([worker.load.remote(*self._load_args(w)) for w, worker in enumerate(self.workers)])
+            if self.method.needs_public_data and not saved:
+                tensors = self.backend.put(self.backend.get(self.workers[0].public_init.remote(data.public)))
+                self.backend.get([worker.install.remote(tensors) for worker in self.workers])
             initial, frozen = self.backend.get(self.workers[0].initial_adapter.remote())
         except Exception as err:
             self.shutdown()
@@ -123,6 +126,10 @@ class Simulation:
             self._checkpointed_round = self.round
             self._write_metrics()
             log.info("resumed from %s at round %d", self.resumed_from, self.round)
+        frozen = self.backend.get(self.server.frozen_state.remote())
+        self._frozen_ref = self.backend.put(frozen)  # a restarted worker installs them again
+        self.backend.get([worker.install.remote(self._frozen_ref) for worker in self.workers])
+        once = self.method.frozen_download_bytes(frozen)
         self.sent_values_per_client = int(sum(v.size for v in initial.values()))
         self.startup_s = time.perf_counter() - started
         log.info(
@@ -137,6 +144,8 @@ class Simulation:
             self.startup_s,
             f" (Ray's start {self.ray_start_s:.1f}s)" if self.ray_start_s else "",
         )
+        if once:
+            log.info("each client also downloads %.1f KiB of frozen tensors once, before its first round (not in downlink_bytes)", once / 1024)
         if not local:
             from raysim.runtime.cluster import gpu_hint
 
@@ -219,6 +228,7 @@ class Simulation:
         while time.monotonic() < deadline:
             try:
                 self.backend.get(self.workers[w].load.remote(*self._load_args(w)))
+                self.backend.get(self.workers[w].install.remote(self._frozen_ref))
                 log.warning("worker %d was restarted; its clients' optimizer moments and data order start over", w)
                 return
             except ActorUnavailableError:

@@ -35,6 +35,12 @@ class ClientWorker:
     def initial_adapter(self):
         return self.host.initial_adapter()
 
+    def public_init(self, table):
+        return self.host.public_init(table)
+
+    def install(self, tensors: dict) -> int:
+        return self.host.install(tensors)
+
     @ray.method(num_returns=3)
     def train_clients(self, *args, **kwargs):
         return self.host.train_clients(*args, **kwargs)
