@@ -202,12 +202,16 @@ def local_train(
 
 
 def backward_mean_loss(model: torch.nn.Module, data: ClientData, batch_size: int, device: torch.device) -> None:
-    """Accumulate into ``.grad`` the gradient of the mean loss over all of ``data``'s rows, batch by batch."""
+    """Accumulate into ``.grad`` the gradient of the mean loss over all of ``data``'s rows, batch by
+    batch, without dropout (the same gradient in every process and on every call)."""
+    was_training = model.training
+    model.eval()
     order = np.argsort(data.lengths, kind="stable")
     for start in range(0, len(order), batch_size):
         ids, mask, labels = collate(data, order[start : start + batch_size], device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         (F.cross_entropy(logits, labels, reduction="sum") / len(order)).backward()
+    model.train(was_training)
 
 
 @torch.no_grad()

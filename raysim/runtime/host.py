@@ -36,8 +36,8 @@ from raysim.secagg.encoding import ring_mask
 from raysim.runtime.messages import LocalDPPlan, MaskedPayload, TrainSettings, WorkerPayload, WorkerReady, WorkerReport
 from raysim.training import (
     ClientData,
-    backward_mean_loss,
     ClientState,
+    backward_mean_loss,
     evaluate,
     load_adapter,
     local_train,
@@ -237,7 +237,7 @@ class ClientHost(SecAggClients):
         return len(tensors)
 
     def initial_adapter(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(trained-and-sent tensors, frozen A matrices) of the freshly built adapter."""
+        """(trained-and-sent tensors, the LoRA tensors kept frozen) of the resident model."""
         return adapter_state(self.model), frozen_lora_a(self.model)
 
     def _to_device(self, state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -111,24 +111,24 @@ class Simulation:
                 tensors = self.backend.put(self.backend.get(self.workers[0].public_init.remote(data.public)))
                 self.backend.get([worker.install.remote(tensors) for worker in self.workers])
             initial, frozen = self.backend.get(self.workers[0].initial_adapter.remote())
-        except Exception as err:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
+            self.backend.get(self.server.initialize.remote(initial, frozen))
+            if saved:
+                resume.restore(self, saved)
+                self._checkpointed_round = self.round
+                self._write_metrics()
+                log.info("resumed from %s at round %d", self.resumed_from, self.round)
+            frozen = self.backend.get(self.server.frozen_state.remote())
+            self._frozen_ref = self.backend.put(frozen)  # a restarted worker installs them again
+            self.backend.get([worker.install.remote(self._frozen_ref) for worker in self.workers])
+        except Exception as err:  # nothing of Ray's is left behind, whatever failed
             self.shutdown()
             user_error = bootstrap.user_error_in(err)
             if user_error is not None:
                 raise user_error from None
             raise
         devices = sorted({r.device for r in ready})
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
-        self.backend.get(self.server.initialize.remote(initial, frozen))
-        if saved:
-            resume.restore(self, saved)
-            self._checkpointed_round = self.round
-            self._write_metrics()
-            log.info("resumed from %s at round %d", self.resumed_from, self.round)
-        frozen = self.backend.get(self.server.frozen_state.remote())
-        self._frozen_ref = self.backend.put(frozen)  # a restarted worker installs them again
-        self.backend.get([worker.install.remote(self._frozen_ref) for worker in self.workers])
         once = self.method.frozen_download_bytes(frozen)
         self.sent_values_per_client = int(sum(v.size for v in initial.values()))
         self.startup_s = time.perf_counter() - started
