@@ -15,7 +15,7 @@ import torch
 
 from raysim.config import UserError
 from raysim.methods import build as build_method
-from raysim.methods.common import is_lora_a, is_lora_tensor, seeded_lora_a
+from raysim.methods.common import BASE_LAYER, is_lora_a, is_lora_tensor, seeded_lora_a
 
 
 @contextlib.contextmanager
@@ -111,3 +111,17 @@ def frozen_lora_a(model: torch.nn.Module) -> dict[str, np.ndarray]:
         for name, p in model.named_parameters()
         if is_lora_tensor(name) and not p.requires_grad
     }
+
+
+MERGED_BASE_FILE = "merged_base.safetensors"
+
+
+def adapted_base_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The base weights of the layers LoRA adapts (``<module>.base_layer.weight``), by PEFT name."""
+    return {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters() if name.endswith(BASE_LAYER + "weight")}
+
+
+def base_model_name(peft_name: str) -> str:
+    """A PEFT parameter name as the base model names it: ``base_model.model.x.query.base_layer.weight``
+    -> ``x.query.weight``."""
+    return peft_name.removeprefix("base_model.model.").replace(BASE_LAYER, ".")

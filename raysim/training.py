@@ -178,8 +178,10 @@ def local_train(
     batches: Iterable[np.ndarray],
     device: torch.device,
     loss_fn: Callable = F.cross_entropy,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
-    """One optimizer step per batch of row indices; returns the mean training loss.
+    """One optimizer step per batch of row indices, each followed by ``after_step()``; returns the
+    mean training loss.
 
     An empty batch (possible under Poisson sampling) still takes a step: the loss of one row times
     zero, so DP-SGD adds its noise as it must, and nothing is learned from that row.
@@ -195,6 +197,8 @@ def local_train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         if not empty:
             total += loss.detach()
             counted += 1

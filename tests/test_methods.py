@@ -76,9 +76,9 @@ def test_methods_choose_what_they_train():
     lora, ffa = LoRA(NoOptions(), lora_rank=R).adapter(0), FFALoRA(NoOptions(), lora_rank=R).adapter(3)
     assert lora.trains(A_KEY) and lora.trains(B_KEY) and lora.trains(HEAD) and lora.rank == R
     assert not ffa.trains(A_KEY) and ffa.trains(B_KEY) and ffa.trains(HEAD)
-    assert method_class("ffa_lora") is FFALoRA and sorted(METHODS) == ["fed_sb", "ffa_lora", "flasc", "lora", "lora_fair"]
-    with pytest.raises(ValueError, match="'flora' is not one of lora, ffa_lora"):
-        method_class("flora")
+    assert method_class("ffa_lora") is FFALoRA and sorted(METHODS) == ["fed_sb", "ffa_lora", "flasc", "flora", "hetlora", "lora", "lora_fair"]
+    with pytest.raises(ValueError, match="'fedavg' is not one of lora, ffa_lora"):
+        method_class("fedavg")
 
 
 def test_server_momentum_through_the_method_matches_its_unrolled_form():

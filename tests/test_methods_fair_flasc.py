@@ -168,7 +168,7 @@ def test_flasc_downloads_the_top_k_of_the_dense_global_adapter_and_updates_the_d
     for k in adapter:
         np.testing.assert_array_equal(sent[k], want[k])
     total = sum(v.size for v in adapter.values())
-    assert method.broadcast_bytes(sent) == sparse_nbytes(math.ceil(0.2 * total), total)
+    assert method.broadcast_bytes(state, sent, R) == sparse_nbytes(math.ceil(0.2 * total), total)
     mean = {k: rng.normal(size=v.shape) for k, v in adapter.items()}
     new = method.aggregate(state, RoundInput(1, mean, 3.0)).adapter
     for k in adapter:

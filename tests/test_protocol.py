@@ -72,6 +72,8 @@ RAY_VS_LOCAL = {
     "lora_fair-central_dp": ["method=lora_fair", *SETTINGS["central_dp"]],
     "flasc-error_feedback": ["method=flasc", "method_args.error_feedback=true", "clients.num=12", "clients.per_round=6"],
     "fed_sb": ["method=fed_sb", "lora.rank=4", "data.public_rows=64"],
+    "flora-ranks-local_dp": ["method=flora", "clients.ranks=[8,4,2]", *SETTINGS["local_dp_sgd"]],
+    "hetlora-ranks-secagg": ["method=hetlora", "clients.ranks={8: 0.3, 4: 0.3, 2: 0.4}", "method_args.weighting=examples", *SETTINGS["secagg"], "secagg.clip_range=1.0"],
 }
 
 
@@ -127,7 +129,7 @@ def test_a_per_client_method_gets_each_message_and_refuses_what_would_reveal_the
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("method=flora", "method: 'flora' is not one of lora, ffa_lora, lora_fair, flasc, fed_sb"),
+        ("method=fedavg", "method: 'fedavg' is not one of lora, ffa_lora, lora_fair, flasc, fed_sb, hetlora, flora"),
         ("method=no_such_module.x", "method: 'no_such_module.x' is not a method of raysim and cannot be imported"),
         ("method_args.step=1", "method_args.step: not an option of method ffa_lora (its options: none)"),
         ("runtime=threads", "runtime: 'threads' is not one of ray, local"),
@@ -186,7 +188,9 @@ def test_a_clients_method_state_survives_its_workers_restart(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method", [("method=toy_residual", "method_args.step=0.002"), ("method=flasc", "method_args.error_feedback=true")], ids=["toy_residual", "flasc"]
+    "method",
+    [("method=toy_residual", "method_args.step=0.002"), ("method=flasc", "method_args.error_feedback=true"), ("method=flora", "clients.ranks=[8,4,2]")],
+    ids=["toy_residual", "flasc", "flora-ranks"],
 )
 def test_a_resumed_run_with_method_state_equals_the_uninterrupted_one(tmp_path, method):
     args = [*SGD, *method, "checkpoint.every=2"]
@@ -203,6 +207,6 @@ def test_a_resumed_run_with_method_state_equals_the_uninterrupted_one(tmp_path, 
         sim.run(progress=False)
         got, got_states = sim.global_adapter(), _method_states(sim)
     assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert sorted(got_states) == sorted(want_states) and any(want_states.values())
+    assert sorted(got_states) == sorted(want_states) and any(want_states.values()) == ("flora" not in method[0])  # FLoRA keeps none
     for cid, state in want_states.items():
         assert sorted(got_states[cid]) == sorted(state) and all(np.array_equal(got_states[cid][k], v) for k, v in state.items())

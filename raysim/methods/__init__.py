@@ -16,11 +16,14 @@ from typing import Any, Mapping
 from raysim.methods.fed_sb import FedSB
 from raysim.methods.ffa_lora import FFALoRA
 from raysim.methods.flasc import FLASC
+from raysim.methods.flora import FLoRA
+from raysim.methods.hetlora import HetLoRA
 from raysim.methods.lora import LoRA
 from raysim.methods.lora_fair import LoRAFAIR
 from raysim.methods.protocol import Method
+from raysim.methods.ranks import client_ranks
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRA, FFALoRA, LoRAFAIR, FLASC, FedSB)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRA, FFALoRA, LoRAFAIR, FLASC, FedSB, HetLoRA, FLoRA)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -61,7 +64,21 @@ def method_options(cls: type[Method], values: Mapping[str, Any]) -> Any:
 
 
 def build(cfg: Any) -> Method:
-    """The configured method: ``cfg.method`` with its ``method_args``, the LoRA rank and the server optimizer."""
+    """The configured method: ``cfg.method`` with its ``method_args``, the LoRA rank (and each
+    client's, with ``clients.ranks``), LoRA's alpha and the server optimizer."""
+    from omegaconf import OmegaConf
+
     cls = method_class(cfg.method)
     args = dict(cfg.method_args) if cfg.get("method_args") else {}
-    return cls(method_options(cls, args), lora_rank=int(cfg.lora.rank), server_lr=float(cfg.server.lr), server_momentum=float(cfg.server.momentum))
+    ranks = cfg.clients.get("ranks")
+    if OmegaConf.is_config(ranks):
+        ranks = OmegaConf.to_container(ranks)
+    return cls(
+        method_options(cls, args),
+        lora_rank=int(cfg.lora.rank),
+        server_lr=float(cfg.server.lr),
+        server_momentum=float(cfg.server.momentum),
+        client_ranks=None if ranks is None else client_ranks(ranks, int(cfg.clients.num), int(cfg.seed)),
+        lora_alpha=float(cfg.lora.alpha),
+        seed=int(cfg.seed),
+    )

@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
+BASE_LAYER = ".base_layer."  # PEFT's name for the adapted layer's own weights: <module>.base_layer.weight
 
 
 def is_lora_a(name: str) -> bool:
@@ -35,12 +36,14 @@ def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
     return pairs
 
 
-def seeded_lora_a(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """A LoRA A matrix (float32) drawn from (seed, parameter name) alone, identical in every process.
+def seeded_lora_a(name: str, shape: tuple[int, ...], seed: int, round_idx: int = 0) -> np.ndarray:
+    """A LoRA A matrix (float32) drawn from (seed, parameter name) alone, identical in every
+    process; ``round_idx`` > 0 draws a fresh one for that round (FLoRA restarts LoRA every round).
 
     Same distribution as PEFT's default (Kaiming-uniform with a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in))).
     """
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    key = [seed, zlib.crc32(name.encode())] + ([round_idx] if round_idx else [])
+    rng = np.random.default_rng(key)
     bound = 1.0 / float(np.sqrt(shape[-1]))
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 

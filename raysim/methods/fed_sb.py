@@ -75,6 +75,8 @@ class FedSB(Method):
         found = super().conflicts(cfg)
         if cfg.data.public_rows <= 0:
             found.append(("data.public_rows", "method fed_sb initialises B, R and A from the gradient on a public split: set data.public_rows, e.g. 256"))
+        if cfg.clients.ranks is not None:
+            found.append(("clients.ranks", "method fed_sb trains one r x r matrix between B and A shared by all clients, so every client has the same rank"))
         return found
 
     def adapter(self, client_id: int) -> AdapterSpec:

@@ -17,4 +17,4 @@ class FFALoRA(Method):
 
     def adapter(self, client_id: int) -> AdapterSpec:
         """Everything but the frozen A matrices."""
-        return AdapterSpec(rank=self.lora_rank, frozen_kinds=(LORA_A,))
+        return AdapterSpec(rank=self.rank_of(client_id), frozen_kinds=(LORA_A,))

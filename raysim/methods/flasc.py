@@ -105,6 +105,8 @@ class FLASC(Method):
                     "vector would reveal them and a dense one would undo the saving; use method=ffa_lora or lora with secure aggregation",
                 )
             )
+        if cfg.clients.ranks is not None:
+            found.append(("clients.ranks", "method flasc selects one top-k over the whole adapter; per-client ranks are not built for it (use lora, ffa_lora, hetlora or flora)"))
         return found
 
     def client_message(self, update: ClientUpdate, state: dict[str, Any]) -> Message:
@@ -120,7 +122,7 @@ class FLASC(Method):
     def broadcast(self, state: ServerState) -> dict[str, np.ndarray]:
         return top_k_numpy(state.adapter, self.options.download_density)[0]
 
-    def broadcast_bytes(self, sent: Mapping[str, np.ndarray]) -> int:
+    def broadcast_bytes(self, state: ServerState, sent: Mapping[str, np.ndarray], rank: int) -> int:
         total = sum(v.size for v in sent.values())
         return sparse_nbytes(kept_count(total, self.options.download_density), total)
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar, ContextManager, Mapping
 import numpy as np
 
 from raysim.methods.common import apply_step, lora_pairs, server_step
+from raysim.methods.ranks import nbytes_at_rank
 
 
 class Aggregation(enum.Enum):
@@ -41,10 +42,13 @@ class Aggregation(enum.Enum):
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """What one client trains: its LoRA rank, and the adapter tensors (by PEFT name) it trains."""
+    """What one client trains: its LoRA rank (the first ``rank`` slots of the resident model's
+    modules), the adapter tensors (by PEFT name) it trains, and its LoRA scaling (None: the
+    resident model's lora.alpha / lora.rank, the same for every client)."""
 
     rank: int
     frozen_kinds: tuple[str, ...] = ()  # name fragments of LoRA tensors kept frozen, e.g. (".lora_A.",)
+    scaling: float | None = None
 
     def trains(self, name: str) -> bool:
         return not any(kind in name for kind in self.frozen_kinds)
@@ -130,12 +134,37 @@ class Method:
     exact: ClassVar[bool] = False
     # True where the method initialises from the public split (data.public_rows) before round 1.
     needs_public_data: ClassVar[bool] = False
+    # True where the method merges its rounds into the base weights of the adapted layers (FLoRA):
+    # init_server then also gets those weights (``<module>.base_layer.weight``), its global adapter
+    # carries them, and every worker installs them in place before it trains or evaluates.
+    changes_base: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
-    def __init__(self, options: Any, lora_rank: int, server_lr: float = 1.0, server_momentum: float = 0.0):
+    def __init__(
+        self,
+        options: Any,
+        lora_rank: int,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        client_ranks: tuple[int, ...] | None = None,
+        lora_alpha: float | None = None,
+        seed: int = 0,
+    ):
+        """``lora_rank``: the resident model's (the largest client's); ``client_ranks``: each
+        client's, by id (None: all ``lora_rank``); ``lora_alpha``: LoRA's alpha (None: 2 x rank);
+        ``seed``: the run's, for a method's own draws."""
+        self.seed = seed
         self.options = options
         self.lora_rank = lora_rank
         self.server_lr, self.server_momentum = server_lr, server_momentum
+        self.client_ranks = client_ranks
+        self.lora_alpha = float(lora_alpha) if lora_alpha is not None else 2.0 * lora_rank
+
+    def rank_of(self, client_id: int) -> int:
+        return self.client_ranks[client_id] if self.client_ranks else self.lora_rank
+
+    def ranks_in_use(self) -> list[int]:
+        return sorted(set(self.client_ranks)) if self.client_ranks else [self.lora_rank]
 
     @classmethod
     def conflicts(cls, cfg: Any) -> list[tuple[str, str]]:
@@ -153,7 +182,7 @@ class Method:
         return found
 
     def adapter(self, client_id: int) -> AdapterSpec:
-        return AdapterSpec(rank=self.lora_rank)
+        return AdapterSpec(rank=self.rank_of(client_id))
 
     def prepare_model(self, model: Any) -> None:
         """Change the freshly built PEFT model's structure in place (Fed-SB inserts R), before
@@ -176,9 +205,10 @@ class Method:
         return 0
 
     def client_message(self, update: ClientUpdate, state: dict[str, Any]) -> Message:
-        """The client's delta from the broadcast. ``state``: this client's method state, which the
-        method may change in place; it persists across rounds."""
-        return Message(summable={k: update.trained[k] - update.start[k] for k in update.start})
+        """The client's delta from the broadcast, of the size its rank sends. ``state``: this
+        client's method state, which the method may change in place; it persists across rounds."""
+        delta = {k: update.trained[k] - update.start[k] for k in update.start}
+        return Message(summable=delta, nbytes=nbytes_at_rank(delta, self.rank_of(update.client_id)))
 
     def init_server(self, adapter: Mapping[str, np.ndarray], frozen: Mapping[str, np.ndarray]) -> ServerState:
         return ServerState(adapter={k: np.array(v) for k, v in adapter.items()}, frozen={k: np.array(v) for k, v in frozen.items()})
@@ -201,9 +231,10 @@ class Method:
         """What a sampled client downloads and starts from."""
         return state.adapter
 
-    def broadcast_bytes(self, sent: Mapping[str, np.ndarray]) -> int:
-        """The size of :meth:`broadcast` on the wire, per client (a sparse one counts its values and indices)."""
-        return int(sum(v.nbytes for v in sent.values()))
+    def broadcast_bytes(self, state: ServerState, sent: Mapping[str, np.ndarray], rank: int) -> int:
+        """The size of :meth:`broadcast` on the wire for a client of ``rank``, which downloads
+        only its rank's slots (a sparse broadcast counts its values and indices)."""
+        return nbytes_at_rank(sent, rank)
 
     def message_template(self, state: ServerState) -> dict[str, np.ndarray]:
         """Arrays of the names, shapes and dtypes of a message's summable part: what the server

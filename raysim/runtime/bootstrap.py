@@ -48,15 +48,18 @@ def plan_privacy(cfg: DictConfig, client_sizes: list[int]) -> PrivacyBudget:
 
 
 def check_adapters(sim: Simulation) -> None:
-    """Every client's adapter must be the one the workers' resident model trains."""
+    """Every client's adapter must fit the workers' resident model: the same tensors trained, and
+    a rank no larger than the model's (a client of a smaller rank uses its first slots)."""
     first = sim.method.adapter(0)
     for cid in range(sim.cfg.clients.num):
         spec = sim.method.adapter(cid)
-        if spec != first:
+        if spec.frozen_kinds != first.frozen_kinds:
             raise UserError(
-                f"method: {sim.cfg.method} gives client {cid} the adapter {spec} and client 0 {first}; "
-                "clients of one run train the same adapter on the resident model"
+                f"method: {sim.cfg.method} freezes {spec.frozen_kinds} for client {cid} and {first.frozen_kinds} for client 0; "
+                "clients of one run train the same tensors on the resident model"
             )
+        if not 1 <= spec.rank <= sim.cfg.lora.rank:
+            raise UserError(f"method: {sim.cfg.method} gives client {cid} rank {spec.rank}, outside 1..lora.rank ({sim.cfg.lora.rank})")
 
 
 def server_settings(cfg: DictConfig, budget: PrivacyBudget) -> tuple[dict | None, dict | None]:

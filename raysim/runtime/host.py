@@ -28,7 +28,8 @@ from raysim.data.loading import from_arrow
 from raysim.methods import build as build_method
 from raysim.methods.common import sketch_matrix
 from raysim.methods.protocol import Aggregation, ClientUpdate, Message
-from raysim.model import adapter_state, build_model, frozen_lora_a, quiet_load, trainable_parameters
+from raysim.client_rank import ClientRank
+from raysim.model import MERGED_BASE_FILE, adapted_base_weights, adapter_state, base_model_name, build_model, frozen_lora_a, quiet_load, trainable_parameters
 from raysim.privacy.budget import ClientPrivacy
 from raysim.privacy.central_dp import clip_update
 from raysim.runtime.host_secagg import SecAggClients
@@ -96,6 +97,8 @@ class ClientHost(SecAggClients):
         self.noise: dict[int, float] = {}
         self.histories: dict[int, list] = {}
         self.frozen_a = {k: torch.from_numpy(v).to(self.device) for k, v in frozen_lora_a(self.model).items()}
+        self.named = dict(self.model.named_parameters())
+        self.client_rank = ClientRank(self.model, int(self.cfg.lora.rank), self.params)
         self.train_rows: ClientData | None = None  # every client's rows, client after client
         self.offsets = np.zeros(1, dtype=np.int64)  # client c's rows: offsets[c]:offsets[c + 1]
         self.eval_sets: dict[str, ClientData] = {}
@@ -160,7 +163,7 @@ class ClientHost(SecAggClients):
         generator = torch.Generator(device=self.device).manual_seed(step_seed(self.cfg.seed, round_idx, cid) ^ _DP_NOISE_STREAM)
         dp.set_client(sigma, rate * len(data), generator)
         batches = (poisson_batch(state.rng, len(data), rate) for _ in range(steps))
-        loss = local_train(self.model, dp.optimizer, data, batches, self.device, dp.loss)
+        loss = local_train(self.model, dp.optimizer, data, batches, self.device, dp.loss, self.client_rank.project)
         for _ in range(steps):
             state.accountant.step(noise_multiplier=sigma, sample_rate=rate)
         after = list(state.accountant.history)
@@ -229,20 +232,29 @@ class ClientHost(SecAggClients):
     def install(self, tensors: dict[str, np.ndarray]) -> int:
         """Set the resident model's tensors by name (the server's frozen ones, or a method's
         initialisation), in place; returns how many."""
-        named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in tensors.items():
-                named[name].copy_(torch.from_numpy(np.asarray(value)))
+                self.named[name].copy_(torch.from_numpy(np.array(value)))  # object-store arrays are read-only
         self.frozen_a = {k: torch.from_numpy(v).to(self.device) for k, v in frozen_lora_a(self.model).items()}
         return len(tensors)
 
     def initial_adapter(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(trained-and-sent tensors, the LoRA tensors kept frozen) of the resident model."""
-        return adapter_state(self.model), frozen_lora_a(self.model)
+        """(trained-and-sent tensors, the LoRA tensors kept frozen) of the resident model; with a
+        method that changes the base, the adapted layers' base weights are among the frozen."""
+        frozen = frozen_lora_a(self.model)
+        if self.method.changes_base:
+            frozen.update(adapted_base_weights(self.model))
+        return adapter_state(self.model), frozen
 
-    def _to_device(self, state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def _take(self, global_state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The broadcast's trained tensors on the device. Its other tensors (the base weights of a
+        method that changes them) are installed in place now, once per call: every call gets the
+        current ones, so a restarted worker or a moved client never trains on an old base."""
+        base = {k: v for k, v in global_state.items() if k not in self.params}
+        if base:
+            self.install(base)
         # One copy per round per worker: object-store arrays are read-only.
-        return {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in state.items()}
+        return {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in global_state.items() if k in self.params}
 
     def train_clients(
         self,
@@ -273,7 +285,7 @@ class ClientHost(SecAggClients):
             group["lr"] = train_cfg.lr
         central = self.privacy.mode == "central_dp"
         per_client = self.method.aggregation is Aggregation.PER_CLIENT
-        start_state = self._to_device(global_state)
+        start_state = self._take(global_state)
         delta_sum: dict[str, torch.Tensor] = {}
         secure = inbox is not None
         sketches = self._sketches(round_idx) if self.want_products and not central and not secure else None
@@ -366,22 +378,24 @@ class ClientHost(SecAggClients):
         if per_batch > 1:
             yield from self._stacked_updates(client_ids, per_batch, start_state, train_cfg, round_idx)
             return
+        ranks = self.client_rank
         for cid in client_ids:
             data, state = self._data(cid), self._state(cid)
             load_adapter(self.params, start_state)
-            swap_optimizer_state(self.optimizer, self.param_list, state.optimizer_state)
-            torch.manual_seed(step_seed(self.cfg.seed, round_idx, cid))
-            started = time.perf_counter()
-            if self.dp:
-                loss, privacy[cid] = self._train_private(cid, data, state, train_cfg, round_idx)
-                if not privacy[cid].trained:
-                    continue
-            else:
-                batches = shuffled_batches(state, data.lengths, train_cfg.batch_size, train_cfg.local_steps)
-                loss = local_train(self.model, self.optimizer, data, batches, self.device)
-            seconds = time.perf_counter() - started
-            state.optimizer_state = saved_optimizer_state(self.optimizer, self.param_list)
-            yield cid, loss, self.params, seconds
+            with ranks.applied(self.method.adapter(cid), self.frozen_a):
+                swap_optimizer_state(self.optimizer, self.param_list, ranks.moments_in(state.optimizer_state))
+                torch.manual_seed(step_seed(self.cfg.seed, round_idx, cid))
+                started = time.perf_counter()
+                if self.dp:
+                    loss, privacy[cid] = self._train_private(cid, data, state, train_cfg, round_idx)
+                    if not privacy[cid].trained:
+                        continue
+                else:
+                    batches = shuffled_batches(state, data.lengths, train_cfg.batch_size, train_cfg.local_steps)
+                    loss = local_train(self.model, self.optimizer, data, batches, self.device, after_step=ranks.project)
+                seconds = time.perf_counter() - started
+                state.optimizer_state = ranks.moments_out(saved_optimizer_state(self.optimizer, self.param_list))
+                yield cid, loss, self.params, seconds
 
     def _stacked_updates(self, client_ids: list[int], per_batch: int, start_state: dict, train_cfg, round_idx: int):
         """:meth:`_local_updates` for groups of up to ``per_batch`` clients with equally large
@@ -414,15 +428,22 @@ class ClientHost(SecAggClients):
                     yield cid, loss, values, seconds
 
     def evaluate(self, global_state: dict, split: str) -> tuple[float, int, int]:
-        load_adapter(self.params, self._to_device(global_state))
+        load_adapter(self.params, self._take(global_state))
         data = self.eval_sets[split]
         if len(data) == 0:
             return 0.0, 0, 0
         return evaluate(self.model, data, int(self.cfg.eval.batch_size), self.device)
 
     def adapter_files(self, global_state: dict) -> dict[str, bytes]:
-        """The global adapter saved by PEFT, as file contents (the driver may be on another node)."""
-        load_adapter(self.params, self._to_device(global_state))
+        """The global adapter saved by PEFT, as file contents (the driver may be on another node).
+        Where the method changed the base weights, the adapted layers' merged weights are saved
+        too, as ``merged_base.safetensors`` under the base model's parameter names."""
+        load_adapter(self.params, self._take(global_state))
+        base = {base_model_name(k): self.named[k].detach().cpu().contiguous() for k in global_state if k not in self.params}
         with tempfile.TemporaryDirectory() as tmp, self.method.plain_lora(self.model):
             self.model.save_pretrained(tmp)
+            if base:
+                from safetensors.torch import save_file
+
+                save_file(base, str(Path(tmp) / MERGED_BASE_FILE))
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}

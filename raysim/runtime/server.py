@@ -91,11 +91,11 @@ class Server:
         return sorted(int(c) for c in chosen)
 
     def broadcast(self) -> list:
-        """[reference to what clients download, its size in bytes] (a list, so Ray does not resolve
-        the reference)."""
+        """[reference to what clients download, its size in bytes per client rank] (a list, so Ray
+        does not resolve the reference)."""
         if self._broadcast is None:
             sent = self.method.broadcast(self.state)
-            self._broadcast = [self._put(sent), self.method.broadcast_bytes(sent)]
+            self._broadcast = [self._put(sent), {rank: self.method.broadcast_bytes(self.state, sent, rank) for rank in self.method.ranks_in_use()}]
             if sent is self.state.adapter:
                 self._adapter_ref = self._broadcast[:1]
         return self._broadcast

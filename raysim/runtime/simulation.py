@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from raysim.config import ConfigError, UserError, from_dict, load_config, to_yaml, validate
 from raysim.methods import build as build_method
+from raysim.methods.common import BASE_LAYER
 from raysim.privacy.budget import BudgetExhausted
 from raysim.runtime import bootstrap, resume
 from raysim.runtime.backend import LocalBackend, RayBackend
@@ -111,6 +112,7 @@ class Simulation:
                 tensors = self.backend.put(self.backend.get(self.workers[0].public_init.remote(data.public)))
                 self.backend.get([worker.install.remote(tensors) for worker in self.workers])
             initial, frozen = self.backend.get(self.workers[0].initial_adapter.remote())
+            merged_base_bytes = sum(v.nbytes for k, v in frozen.items() if BASE_LAYER in k)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.output_dir / "config.yaml", lambda p: p.write_text(to_yaml(self.cfg)))
             self.backend.get(self.server.initialize.remote(initial, frozen))
@@ -144,6 +146,13 @@ class Simulation:
             self.startup_s,
             f" (Ray's start {self.ray_start_s:.1f}s)" if self.ray_start_s else "",
         )
+        if self.method.changes_base:
+            log.info(
+                "method %s changes the base weights: each round the object store carries the adapted layers' merged weights "
+                "(%.1f MiB) once per node; downlink_bytes counts what the method's protocol sends each client",
+                self.cfg.method,
+                merged_base_bytes / 2**20,
+            )
         if once:
             log.info("each client also downloads %.1f KiB of frozen tensors once, before its first round (not in downlink_bytes)", once / 1024)
         if not local:
@@ -270,7 +279,7 @@ class Simulation:
         self.budget.check_next_round(cfg.clients.num)
         excluded = sorted(self.budget.exhausted)
         sampled = get(self.server.sample.remote(round_idx, cfg.clients.per_round, excluded))
-        global_ref, downlink_per_client = get(self.server.broadcast.remote())
+        global_ref, downlink_by_rank = get(self.server.broadcast.remote())
         by_worker, arrivals = place(self, round_idx, sampled)
         settings = {k: cfg.train[k] for k in _TRAIN_KEYS}
         train = TrainSettings(**{**settings, "lr": cfg.train.lr * cfg.train.lr_decay ** (round_idx - 1)})
@@ -298,7 +307,7 @@ class Simulation:
             "train_loss": sum(r.loss_sum for r in reports) / trained_clients if trained_clients else math.nan,
             "aggregation_error": server_report.aggregation_error,
             "uplink_bytes": uplink,
-            "downlink_bytes": len(sampled) * downlink_per_client,
+            "downlink_bytes": sum(downlink_by_rank[self.method.rank_of(c)] for c in sampled),
             "train_s": slowest.train_s if slowest else 0.0,
             "steps_s": slowest.steps_s if slowest else 0.0,
             "aggregate_s": extra.pop("aggregate_s", math.nan),
