@@ -10,7 +10,11 @@ for ``--rounds`` rounds from the same seed (the same clients each round), evalua
 the last. Bytes are the metrics' own (real sizes: FLASC counts values plus positions); client time
 is the worker's local-step seconds over its clients' steps (the message a client builds is not
 in it); server time is the aggregate call (summing the worker's partial sum, post-processing, the
-method's update), median over rounds. Fed-SB holds out 256 training rows as its public split and
+method's update; FLoRA's stacking and merge), median over rounds. FLoRA's downlink is its
+protocol's (the head and the last round's stacked adapter), not the dense merged layers raysim's
+object store carries once per round per node. ``--rank-steps`` also times one client's local step
+at each rank of the mix on the resident rank-8 model (masked slots) and on a PEFT model built at
+that rank. Fed-SB holds out 256 training rows as its public split and
 runs at rank 8 and 64 (``fed_sb-r64``); its one-off initialisation is in neither time. quickstart's model is built from MiniLM's config with
 random weights (``model.init=random``): costs do not depend on the weights' values.
 """
@@ -30,6 +34,7 @@ from omegaconf import OmegaConf
 from raysim import Simulation, load_config
 from raysim.config import CONFIG_DIR
 
+HETERO = "clients.ranks={8: 0.2, 4: 0.3, 2: 0.5}"
 # Each method at lora.rank 8, and Fed-SB also at the larger rank its paper pairs it with.
 VARIANTS = {
     "lora": ["method=lora"],
@@ -38,6 +43,10 @@ VARIANTS = {
     "flasc": ["method=flasc"],
     "fed_sb": ["method=fed_sb", "data.public_rows=256"],
     "fed_sb-r64": ["method=fed_sb", "data.public_rows=256", "lora.rank=64"],
+    # Mixed ranks: 20% of clients at 8, 30% at 4, 50% at 2, on the resident rank-8 model.
+    "fedit-hetero": ["method=lora", HETERO],
+    "hetlora": ["method=hetlora", HETERO],
+    "flora": ["method=flora", HETERO],
 }
 
 
@@ -64,6 +73,51 @@ def measure(config: str, variant: str, rounds: int, overrides: list[str]) -> dic
     }
 
 
+def rank_step_times(config: str, ranks: tuple[int, ...], steps: int, overrides: list[str]) -> list[dict]:
+    """ms per local step of one client at each rank: on the resident model at the largest rank
+    (the client's slots, :class:`raysim.client_rank.ClientRank`) and on a model built at its rank."""
+    import time
+
+    import torch
+
+    from raysim.client_rank import ClientRank
+    from raysim.data.loading import from_arrow
+    from raysim.data.prepare import prepare
+    from raysim.data.tokenizer import load_tokenizer
+    from raysim.methods.protocol import AdapterSpec
+    from raysim.model import build_model, frozen_lora_a, trainable_parameters
+    from raysim.training import ClientData, ClientState, local_train, make_optimizer, shuffled_batches
+
+    torch.set_num_threads(1)
+    largest = max(ranks)
+    cfg = load_config(CONFIG_DIR / f"{config}.yaml", ["runtime=local", "model.init=random", "method=lora", f"lora.rank={largest}", "output_dir=/tmp/unused", *overrides])
+    data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
+    client = ClientData(*from_arrow(data.client_shards[0]))
+
+    def timed(model, masked: ClientRank | None, rank: int) -> float:
+        params = trainable_parameters(model)
+        optimizer = make_optimizer(cfg.train, list(params.values()))
+        batches = list(shuffled_batches(ClientState.new(0, 0), client.lengths, cfg.train.batch_size, steps + 2))
+        local_train(model, optimizer, client, batches[:2], torch.device("cpu"))  # warm-up
+        spec = AdapterSpec(rank=rank, scaling=cfg.lora.alpha / rank)
+        frozen = {k: torch.from_numpy(v) for k, v in frozen_lora_a(model).items()}
+        started = time.perf_counter()
+        if masked is None:
+            local_train(model, optimizer, client, batches[2:], torch.device("cpu"))
+        else:
+            with masked.applied(spec, frozen):
+                local_train(model, optimizer, client, batches[2:], torch.device("cpu"), after_step=masked.project)
+        return 1e3 * (time.perf_counter() - started) / steps
+
+    resident = build_model(cfg, len(data.label_names))
+    mask = ClientRank(resident, largest, trainable_parameters(resident))
+    out = []
+    for rank in sorted(set(ranks), reverse=True):
+        own = build_model(OmegaConf.merge(cfg, {"lora": {"rank": rank}}), len(data.label_names))
+        out.append({"config": config, "rank": rank, "resident_ms_per_step": timed(resident, mask, rank), "own_rank_ms_per_step": timed(own, None, rank)})
+    return out
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| config | method | uplink KiB/client | downlink KiB/client | client ms/step | server ms/round |",
@@ -83,17 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=["tiny", "quickstart"])
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rank-steps", type=int, default=0, help="also time this many local steps per rank of the mix")
     parser.add_argument("--json", type=Path, help="write the results here")
     args, overrides = parser.parse_known_args(argv)
     logging.getLogger("raysim").setLevel(logging.WARNING)
-    results = []
+    results, rank_steps = [], []
     for config in args.configs:
         for variant in args.methods:
             results.append(measure(config, variant, args.rounds, overrides))
             print(json.dumps(results[-1]), flush=True)
+        if args.rank_steps:
+            rank_steps += rank_step_times(config, (8, 4, 2), args.rank_steps, overrides)
+            print(json.dumps(rank_steps[-3:]), flush=True)
     print(table(results))
+    for r in rank_steps:
+        print(f"{r['config']} rank {r['rank']}: {r['resident_ms_per_step']:.2f} ms/step on the resident rank-8 model, {r['own_rank_ms_per_step']:.2f} on a rank-{r['rank']} model")
     if args.json:
-        args.json.write_text(json.dumps({"command": "python benchmarks/methods.py " + " ".join(argv), "results": results}, indent=1))
+        payload = {"command": "python benchmarks/methods.py " + " ".join(argv), "results": results, "rank_steps": rank_steps}
+        args.json.write_text(json.dumps(payload, indent=1))
     return 0
 
 

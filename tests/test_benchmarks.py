@@ -104,8 +104,11 @@ def test_startup_reports_ray_start_and_the_floor_apart(tmp_path):
 
 def test_methods_benchmark_reports_each_methods_costs(tmp_path):
     out = tmp_path / "methods.json"
-    assert _load("methods").main(["--configs", "tiny", "--methods", "ffa_lora", "flasc", "--rounds", "1", "--json", str(out)]) == 0
-    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert _load("methods").main(["--configs", "tiny", "--methods", "ffa_lora", "flasc", "fedit-hetero", "--rounds", "1", "--rank-steps", "1", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    rows = {r["method"]: r for r in saved["results"]}
+    assert rows["fedit-hetero"]["uplink_bytes_per_client"] < 4 * rows["fedit-hetero"]["adapter_values"]  # ranks below lora.rank send fewer slots
+    assert sorted(r["rank"] for r in saved["rank_steps"]) == [2, 4, 8]
     assert rows["flasc"]["uplink_bytes_per_client"] < 0.5 * 4 * rows["flasc"]["adapter_values"]  # density 0.25, values plus positions
     assert rows["ffa_lora"]["uplink_bytes_per_client"] == 4 * rows["ffa_lora"]["adapter_values"]
     assert all(r["client_ms_per_step"] > 0 and r["server_ms_per_round"] > 0 for r in rows.values())
