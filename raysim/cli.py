@@ -60,15 +60,11 @@ def run(args: list[str], quiet: bool = False) -> int:
         final = sim.evaluate()
         adapter = sim.save_adapter()
         summary = sim.write_summary(final)
-        log.info(
-            "done: %d rounds, final %s accuracy %.4f on %d examples; adapter in %s, summary in %s",
-            sim.round,
-            cfg.eval.split,
-            final["eval_accuracy"],
-            final["eval_examples"],
-            adapter,
-            summary,
-        )
+        if cfg.task == "causal_lm":
+            scored = f"{cfg.eval.score} {final['eval_accuracy']:.4f} on {final['eval_examples']} generated answers, perplexity {final['eval_perplexity']:.2f}"
+        else:
+            scored = f"accuracy {final['eval_accuracy']:.4f} on {final['eval_examples']} examples"
+        log.info("done: %d rounds, final %s %s; adapter in %s, summary in %s", sim.round, cfg.eval.split, scored, adapter, summary)
         if sim.budget.enabled:
             log.info("privacy: %s spent (epsilon, delta) = (%.3f, %g)", cfg.privacy.mode, sim.budget.epsilon, sim.budget.delta)
     finally:

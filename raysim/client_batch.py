@@ -21,9 +21,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from raysim.losses import example_losses
 from raysim.training import ClientData, collate, saved_optimizer_state, swap_optimizer_state
 
 
@@ -117,7 +117,7 @@ def local_train_stacked(
             parts = [collate(d, rows, device, width) for d, rows in zip(data, step_rows)]
             ids, mask, labels = (torch.cat(column) for column in zip(*parts))
             logits = model(input_ids=ids, attention_mask=mask).logits
-            losses = F.cross_entropy(logits, labels, reduction="none").view(clients, -1).mean(dim=1)
+            losses = example_losses(logits, labels).view(clients, -1).mean(dim=1)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()

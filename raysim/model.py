@@ -1,4 +1,5 @@
-"""Building the resident model: a transformers sequence classifier with a PEFT LoRA adapter.
+"""Building the resident model: a transformers sequence classifier (task=classification) or causal
+LM (task=causal_lm) with a PEFT LoRA adapter.
 
 No Ray here. Every process that builds the model with the same config and seed gets the same
 base weights, task head and LoRA A matrices, so workers agree without shipping the model.
@@ -52,7 +53,7 @@ def _wrap_lora(cfg, model: torch.nn.Module) -> torch.nn.Module:
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
-        task_type="SEQ_CLS",
+        task_type="CAUSAL_LM" if cfg.task == "causal_lm" else "SEQ_CLS",
     )
     try:
         with _quiet():
@@ -62,7 +63,8 @@ def _wrap_lora(cfg, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The base model (frozen) wrapped by PEFT LoRA, on ``device``, in train mode.
+    """The base model (frozen) wrapped by PEFT LoRA, on ``device``, in train mode; ``num_labels``
+is the classifier's (unused for a causal LM, whose output layer stays frozen).
 
     A matrices come from :func:`seeded_lora_a` (same in every process); the LoRA tensors the
     method's adapter does not train are frozen (every client trains the same tensors: see
@@ -70,18 +72,20 @@ def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> tor
     structure (:meth:`~raysim.methods.protocol.Method.prepare_model`). The task head is part of the
     adapter (PEFT's modules_to_save).
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     method = build_method(cfg)
     spec = method.adapter(0)
     name = cfg.model.name_or_path
-    overrides = dict(cfg.model.config_overrides)
+    causal = cfg.task == "causal_lm"
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    overrides = dict(cfg.model.config_overrides) | ({} if causal else {"num_labels": num_labels})
     torch.manual_seed(cfg.seed)  # same random base weights and head everywhere
     if cfg.model.init == "random":
-        config = quiet_load("a model config from", name, lambda: AutoConfig.from_pretrained(name, num_labels=num_labels, **overrides))
-        model = quiet_load("a model from", name, lambda: AutoModelForSequenceClassification.from_config(config))
+        config = quiet_load("a model config from", name, lambda: AutoConfig.from_pretrained(name, **overrides))
+        model = quiet_load("a model from", name, lambda: auto.from_config(config))
     else:
-        model = quiet_load("a model from", name, lambda: AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **overrides))
+        model = quiet_load("a model from", name, lambda: auto.from_pretrained(name, **overrides))
     model.to(device)  # before get_peft_model, so adapter tensors are created on the device
     model = _wrap_lora(cfg, model)
     method.prepare_model(model)
@@ -93,6 +97,16 @@ def build_model(cfg, num_labels: int, device: torch.device | str = "cpu") -> tor
                 param.requires_grad_(spec.trains(param_name))
     model.train()  # transformers loads in eval mode; dropout (and Opacus hooks) need train mode
     return model
+
+
+def context_length(cfg) -> int | None:
+    """The model's largest position (its config's max_position_embeddings), or None where the
+    config does not say; read on the driver to check data.max_length before anything starts."""
+    from transformers import AutoConfig
+
+    name = cfg.model.name_or_path
+    config = quiet_load("a model config from", name, lambda: AutoConfig.from_pretrained(name, **dict(cfg.model.config_overrides)))
+    return getattr(config, "max_position_embeddings", None)
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

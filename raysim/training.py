@@ -14,14 +14,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from raysim.losses import example_losses, mean_loss, response_targets, token_loss_sum
 
 
 @dataclass
 class ClientData:
     ids: np.ndarray  # int32 [n, L], padded
     lengths: np.ndarray  # int32 [n]
-    labels: np.ndarray  # int64 [n]
+    labels: np.ndarray  # int64 [n]: the class, or with ``causal`` the first response token's position
+    causal: bool = False  # task=causal_lm: the targets are the response's next tokens
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -130,12 +132,17 @@ def shuffled_batches(state: ClientState, lengths: np.ndarray, batch_size: int, s
 
 
 def collate(data: ClientData, idx: np.ndarray, device: torch.device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, labels) trimmed to the longest row of the batch, or to ``width``."""
+    """(input_ids, attention_mask, targets) trimmed to the longest row of the batch, or to
+    ``width``; targets are the classes, or for a causal LM the response tokens each position
+    predicts (:func:`raysim.losses.response_targets`)."""
     width = int(data.lengths[idx].max()) if width is None else width
     ids = torch.from_numpy(data.ids[idx, :width].astype(np.int64))
     mask = torch.arange(width)[None, :] < torch.from_numpy(data.lengths[idx].astype(np.int64))[:, None]
-    labels = torch.from_numpy(data.labels[idx])
-    return ids.to(device), mask.long().to(device), labels.to(device)
+    if data.causal:
+        targets = torch.from_numpy(response_targets(data.ids[idx], data.lengths[idx], data.labels[idx], width))
+    else:
+        targets = torch.from_numpy(data.labels[idx])
+    return ids.to(device), mask.long().to(device), targets.to(device)
 
 
 def load_adapter(params: Mapping[str, torch.nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
@@ -177,7 +184,7 @@ def local_train(
     data: ClientData,
     batches: Iterable[np.ndarray],
     device: torch.device,
-    loss_fn: Callable = F.cross_entropy,
+    loss_fn: Callable = mean_loss,
     after_step: Callable[[], None] | None = None,
 ) -> float:
     """One optimizer step per batch of row indices, each followed by ``after_step()``; returns the
@@ -214,21 +221,27 @@ def backward_mean_loss(model: torch.nn.Module, data: ClientData, batch_size: int
     for start in range(0, len(order), batch_size):
         ids, mask, labels = collate(data, order[start : start + batch_size], device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        (F.cross_entropy(logits, labels, reduction="sum") / len(order)).backward()
+        (example_losses(logits, labels).sum() / len(order)).backward()
     model.train(was_training)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: ClientData, batch_size: int, device: torch.device) -> tuple[float, int, int]:
-    """(summed loss, correct predictions, examples); batches of similar length to limit padding."""
+    """(summed loss, correct predictions, examples), or for a causal LM (summed loss of the
+    response tokens, 0, tokens); batches of similar length to limit padding."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, counted = 0.0, 0, 0
     order = np.argsort(data.lengths, kind="stable")
     for start in range(0, len(order), batch_size):
-        ids, mask, labels = collate(data, order[start : start + batch_size], device)
+        ids, mask, targets = collate(data, order[start : start + batch_size], device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
+        if data.causal:
+            batch_loss, tokens = token_loss_sum(logits, targets)
+            loss_sum, counted = loss_sum + batch_loss, counted + tokens
+        else:
+            loss_sum += float(example_losses(logits, targets).sum())
+            correct += int((logits.argmax(-1) == targets).sum())
+            counted += len(targets)
     model.train(was_training)
-    return loss_sum, correct, len(order)
+    return loss_sum, correct, counted

@@ -106,3 +106,82 @@ def secagg_mean_error_bound(count, weight_sum, mean, clip, bits):
     step = 2 / (2**bits - 1)
     err_sum, err_weight = count * clip * step, count * step
     return (err_sum + np.abs(mean) * err_weight) / (weight_sum - err_weight)
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_llama(directory, chat_template: str | None = None, max_positions: int = 128):
+    """A tiny random Llama's config with MiniLM's tokenizer (a chat template added when given):
+    a causal LM model directory without any downloaded weights. Its sizes are configs/tiny.yaml's
+    config_overrides, so those change nothing."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    from raysim.config import minilm_path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(minilm_path()) / name).exists():
+            shutil.copy(Path(minilm_path()) / name, directory / name)
+    if chat_template:
+        config_file = directory / "tokenizer_config.json"
+        values = json.loads(config_file.read_text())
+        values["chat_template"] = chat_template
+        config_file.write_text(json.dumps(values))
+    LlamaConfig(
+        vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
+    ).save_pretrained(directory)
+    return directory
+
+
+def write_yes_no_rows(path, n=240, seed=0):
+    """(context, question, label, topic) rows: "is a larger than b", a True/False label, a topic
+    per row (a natural split), and contexts of varied length."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = (int(v) for v in rng.integers(0, 50, 2))
+            row = {"question": f"is {a} larger than {b}", "context": "numbers " * int(rng.integers(1, 30)), "label": a > b, "topic": f"t{i % 7 if i % 3 else 0}"}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """Overrides of configs/tiny.yaml for task=causal_lm on a tiny random Llama (ChatML template)
+    and yes/no rows split by topic."""
+    root = tmp_path_factory.mktemp("tiny_lm")
+    model = write_tiny_llama(root / "model", CHATML)
+    data = write_yes_no_rows(root / "rows.jsonl")
+    return [
+        "task=causal_lm",
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        'data.prompt_template="{context} question: {question}?"',
+        'data.response_template="{label}"',
+        'data.response_map={"True": "yes", "False": "no"}',
+        "data.labels=[]",
+        "data.partition=natural",
+        "data.client_column=topic",
+        "data.max_length=64",
+        "clients.num=6",
+        "clients.per_round=3",
+        "lora.target_modules=[q_proj,v_proj]",
+        "eval.score=yes_no",
+        "eval.generate_examples=12",
+        "eval.max_new_tokens=3",
+        "eval.max_examples=24",
+        "train.batch_size=4",
+        "train.local_steps=2",
+    ]

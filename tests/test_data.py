@@ -69,7 +69,9 @@ def test_split_is_seeded_and_disjoint():
 def test_arrow_roundtrip():
     ids = np.arange(12, dtype=np.int32).reshape(3, 4)
     out = from_arrow(to_arrow(ids, np.array([4, 2, 1], np.int32), np.array([0, 2, 1])))
-    assert np.array_equal(out[0], ids) and out[1].tolist() == [4, 2, 1] and out[2].tolist() == [0, 2, 1]
+    assert np.array_equal(out[0], ids) and out[1].tolist() == [4, 2, 1] and out[2].tolist() == [0, 2, 1] and out[3] is False
+    causal = from_arrow(to_arrow(ids, np.array([4, 2, 1], np.int32), np.array([3, 1, 0]), causal=True))
+    assert causal[2].tolist() == [3, 1, 0] and causal[3] is True
 
 
 LABELS = np.random.default_rng(0).choice(3, size=3000, p=[0.5, 0.3, 0.2])
@@ -81,7 +83,7 @@ def _is_partition(parts, n):
 
 
 def test_iid_covers_everything_evenly():
-    parts = part.iid(LABELS, 7, seed=1)
+    parts = part.iid(len(LABELS), 7, seed=1)
     assert _is_partition(parts, len(LABELS)) and sum(map(len, parts)) == len(LABELS)
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
@@ -235,7 +237,7 @@ def test_dirichlet_gives_every_client_examples_even_when_draws_leave_some_empty(
     def distance(split):
         return np.mean([np.abs(np.bincount(labels[p], minlength=3) / len(p) - overall).sum() / 2 for p in split])
 
-    assert distance(parts) > 1.5 * distance(part.iid(labels, 1000, 1))
+    assert distance(parts) > 1.5 * distance(part.iid(len(labels), 1000, 1))
     assert distance(parts) > 3 * distance(part.dirichlet(labels, 1000, 100.0, seed=1))
 
 

@@ -251,7 +251,7 @@ def test_a_tokenizer_json_that_transformers_adjusts_is_replaced_by_autotokenizer
     (model / "tokenizer.json").write_text(json.dumps(spec))
     cfg = tiny_config(tmp_path, f"model.name_or_path={model}")
     with caplog.at_level("WARNING", logger="raysim"), Simulation(cfg) as sim:
-        ids, lengths, _ = from_arrow(ray.get(sim._shards_ref)[0])
+        ids, lengths, _, _ = from_arrow(ray.get(sim._shards_ref)[0])
     assert "tokenizing again with AutoTokenizer" in caplog.text
     plan = plan_data(cfg)
     texts = [plan.texts[i] for i in np.concatenate(plan.parts)]

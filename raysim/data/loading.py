@@ -28,6 +28,7 @@ class LabelledTexts:
     label_names: list[str]
     dropped_empty_text: int
     dropped_unknown_label: int
+    kept_rows: np.ndarray  # the table's row of each kept text
 
 
 def read_table(path: str | Path) -> pa.Table:
@@ -66,8 +67,8 @@ def clean(
     if len(label_names) < 2:
         raise UserError(f"data.labels: need at least 2 classes, found {list(label_names)}")
     index = {name: i for i, name in enumerate(label_names)}
-    kept_texts, kept_labels, empty, unknown = [], [], 0, 0
-    for text, label in zip(texts, raw_labels):
+    kept_texts, kept_labels, kept_rows, empty, unknown = [], [], [], 0, 0
+    for row, (text, label) in enumerate(zip(texts, raw_labels)):
         if text is None or not text.strip():
             empty += 1
         elif label not in index:
@@ -75,9 +76,17 @@ def clean(
         else:
             kept_texts.append(text)
             kept_labels.append(index[label])
+            kept_rows.append(row)
     if not kept_texts:
         raise UserError(f"data.path: no usable rows (empty text: {empty}, unknown label: {unknown})")
-    return LabelledTexts(kept_texts, np.asarray(kept_labels, dtype=np.int64), list(label_names), empty, unknown)
+    return LabelledTexts(kept_texts, np.asarray(kept_labels, dtype=np.int64), list(label_names), empty, unknown, np.asarray(kept_rows, dtype=np.int64))
+
+
+def column_values(table: pa.Table, column: str, key: str) -> list:
+    """A column's values as Python objects; a UserError naming ``key`` if there is no such column."""
+    if column not in table.column_names:
+        raise UserError(f"{key}: no column '{column}' in the data (columns: {', '.join(table.column_names)})")
+    return table[column].to_pylist()
 
 
 def split_indices(
@@ -109,18 +118,26 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> tup
     return ids, lengths
 
 
-def to_arrow(ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray) -> pa.Table:
-    """A tokenized shard as an Arrow table: fixed-width token rows, lengths and labels."""
+RESPONSE_START = "response_start"
+GENERATE_ROW = "row"  # a generation table's row of the evaluation split
+
+
+def to_arrow(ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, causal: bool = False) -> pa.Table:
+    """A tokenized shard as an Arrow table: fixed-width token rows, lengths, and each row's class
+    label, or with ``causal`` the position of its first response token (task=causal_lm)."""
     width = ids.shape[1]
     tokens = pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int32()), width)
-    return pa.table({"input_ids": tokens, "length": pa.array(lengths, pa.int32()), "label": pa.array(labels, pa.int64())})
+    target = RESPONSE_START if causal else "label"
+    return pa.table({"input_ids": tokens, "length": pa.array(lengths, pa.int32()), target: pa.array(labels, pa.int64())})
 
 
-def from_arrow(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of :func:`to_arrow`: (ids [n, L] int32, lengths, labels) as numpy, zero-copy where possible."""
+def from_arrow(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Inverse of :func:`to_arrow`: (ids [n, L] int32, lengths, labels or response starts, causal)
+    as numpy, zero-copy where possible."""
     tokens = table.column("input_ids").combine_chunks()
     width = tokens.type.list_size
     ids = tokens.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
     lengths = table.column("length").to_numpy()
-    labels = table.column("label").to_numpy()
-    return ids, lengths, labels
+    causal = RESPONSE_START in table.column_names
+    labels = table.column(RESPONSE_START if causal else "label").to_numpy()
+    return ids, lengths, labels, causal

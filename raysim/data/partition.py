@@ -7,6 +7,8 @@
   split [[.9,.05,.05],[.05,.9,.05],[.05,.05,.9]]; clients are equally sized, as large as the data allow.
 - ``shards``: sort by label, cut into ``num_clients * shards_per_client`` shards, deal them out
   (McMahan et al., 2017).
+- ``natural``: one client per distinct value of a column (Flower Datasets' NaturalIdPartitioner);
+  with fewer clients than values, small groups are merged.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, _PARTITION_STREAM])
 
 
-def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
-    order = _rng(seed).permutation(len(labels))
+def iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
+    order = _rng(seed).permutation(n)
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
 
@@ -89,11 +91,44 @@ def shards(labels: np.ndarray, num_clients: int, shards_per_client: int, seed: i
     return [np.sort(np.concatenate([pieces[s] for s in row])) for row in deal]
 
 
-def partition(labels: np.ndarray, data_cfg, num_clients: int, seed: int, num_classes: int) -> list[np.ndarray]:
-    """Dispatch on ``data.partition``; every client must end up with at least one example."""
+def natural(groups: Sequence, num_clients: int) -> list[np.ndarray]:
+    """One client per distinct value of ``groups`` (one value per example), largest group first
+    (ties by value). With fewer clients than values, the ``num_clients`` largest groups start the
+    clients and each other group, largest first, joins the then smallest client: no randomness,
+    and no example is dropped."""
+    values, inverse, counts = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
+    if num_clients > len(values):
+        raise UserError(
+            f"data.client_column: its {len(values)} distinct values cannot make clients.num={num_clients} clients; "
+            f"set clients.num to at most {len(values)}"
+        )
+    order = sorted(range(len(values)), key=lambda g: (-counts[g], values[g]))
+    client_of = np.empty(len(values), dtype=np.int64)
+    client_of[order[:num_clients]] = np.arange(num_clients)
+    smallest = [(int(counts[g]), i) for i, g in enumerate(order[:num_clients])]
+    heapq.heapify(smallest)
+    for g in order[num_clients:]:
+        size, client = heapq.heappop(smallest)
+        client_of[g] = client
+        heapq.heappush(smallest, (size + int(counts[g]), client))
+    owner = client_of[inverse]
+    return [np.flatnonzero(owner == c) for c in range(num_clients)]
+
+
+def partition(
+    n: int, data_cfg, num_clients: int, seed: int, labels: np.ndarray | None = None, num_classes: int = 0, groups: Sequence | None = None
+) -> list[np.ndarray]:
+    """Dispatch on ``data.partition`` for ``n`` examples: ``labels`` (their classes) for the
+    label-skewed splits, ``groups`` (their data.client_column values) for ``natural``; every
+    client must end up with at least one example."""
     kind = data_cfg.partition
-    if kind == "iid":
-        parts = iid(labels, num_clients, seed)
+    if kind == "natural":
+        assert groups is not None, "partition=natural without the client column's values"
+        parts = natural(groups, num_clients)
+    elif kind == "iid":
+        parts = iid(n, num_clients, seed)
+    elif labels is None:
+        raise UserError(f"data.partition: '{kind}' needs class labels; use iid or natural")
     elif kind == "dirichlet":
         parts = dirichlet(labels, num_clients, data_cfg.dirichlet_alpha, seed)
     elif kind == "label_proportions":
@@ -106,6 +141,6 @@ def partition(labels: np.ndarray, data_cfg, num_clients: int, seed: int, num_cla
     if empty:
         raise UserError(
             f"data.partition: {len(empty)} of {num_clients} clients got no examples "
-            f"({len(labels)} training rows); lower clients.num or use more data"
+            f"({n} training rows); lower clients.num or use more data"
         )
     return parts

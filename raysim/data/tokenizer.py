@@ -33,7 +33,7 @@ def load_tokenizer(name_or_path: str, read_file: bool = True) -> Tokenizer:
     """The tokenizer of a local model directory or a Hub model (from the local cache, else as
     transformers would get it); with ``read_file=False`` always through AutoTokenizer. A
     UserError naming ``model.name_or_path`` if there is none."""
-    tokenizer_file = _local_file(name_or_path, "tokenizer.json") if read_file else None
+    tokenizer_file = local_file(name_or_path, "tokenizer.json") if read_file else None
     if tokenizer_file is not None:
         from tokenizers import Tokenizer as RustTokenizer
 
@@ -67,7 +67,7 @@ def _from_transformers(name_or_path: str) -> Tokenizer:
     return Tokenizer(lambda texts, n: hf(texts, truncation=True, max_length=n)["input_ids"], hf.pad_token_id or 0, from_file=False)
 
 
-def _local_file(name_or_path: str, filename: str) -> Path | None:
+def local_file(name_or_path: str, filename: str) -> Path | None:
     """``filename`` of a model directory, or of a Hub model already in the local cache."""
     if Path(name_or_path).is_dir():
         path = Path(name_or_path) / filename
@@ -85,7 +85,7 @@ def _pad_token_id(name_or_path: str, core) -> int | None:
     """The pad token's id, named as transformers reads it: tokenizer_config.json, then
     special_tokens_map.json (a token string, or a dict with its "content")."""
     for filename in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = _local_file(name_or_path, filename)
+        path = local_file(name_or_path, filename)
         if path is None:
             continue
         token = json.loads(path.read_text()).get("pad_token")

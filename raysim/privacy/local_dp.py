@@ -60,10 +60,11 @@ class DPSGD:
     """Opacus DP-SGD over a resident model: ``loss`` to compute the loss, ``optimizer`` to step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float, grad_sample_mode: str = "hooks"):
-        import torch.nn as nn
         from opacus.grad_sample.utils import prepare_module
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        from raysim.losses import ExampleLoss
 
         # Opacus' backward hooks also fire where no input needs a gradient (frozen embeddings):
         # harmless, and torch would warn at every step.
@@ -76,7 +77,7 @@ class DPSGD:
         self.optimizer = optimizer_class(
             optimizer, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1, loss_reduction="mean"
         )
-        criterion = nn.CrossEntropyLoss()
+        criterion = ExampleLoss()
         self.loss = DPLossFastGradientClipping(self.hooks, self.optimizer, criterion, "mean") if ghost else criterion
 
     @contextlib.contextmanager

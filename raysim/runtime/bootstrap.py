@@ -7,6 +7,7 @@ Nothing is written to output_dir before both have passed."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +16,9 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 from raysim.config import ConfigError, UserError
-from raysim.data.prepare import DataPlan, PreparedData, plan_data, split_for_workers, tokenize_plan
-from raysim.data.tokenizer import Tokenizer, load_tokenizer
+from raysim.data.loading import GENERATE_ROW
+from raysim.data.prepare import PreparedData, plan_data, split_for_workers, tokenize_plan
+from raysim.data.tokenizer import load_tokenizer, local_file
 from raysim.privacy.budget import PrivacyBudget
 from raysim.secagg.encoding import ring_bits
 
@@ -28,12 +30,30 @@ log = logging.getLogger("raysim")
 TOKENIZER_SAMPLE = 256  # rows a worker tokenizes with AutoTokenizer to check the driver's tokenizer
 
 
-def check_inputs(cfg: DictConfig) -> tuple[Tokenizer, DataPlan, PrivacyBudget]:
+def check_inputs(cfg: DictConfig) -> tuple[Any, Any, PrivacyBudget]:
     """Load the tokenizer, plan the data and the privacy budget. Raises UserError (or
-    ConfigError) naming what is wrong."""
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    plan = plan_data(cfg)
+    ConfigError) naming what is wrong. For task=causal_lm the tokenizer is transformers' (its chat
+    template) and the plan an :class:`~raysim.data.instructions.InstructionPlan`."""
+    check_context(cfg)
+    if cfg.task == "causal_lm":
+        from raysim.data.instructions import load_prompt_tokenizer, plan_instructions
+
+        tokenizer: Any = load_prompt_tokenizer(cfg.model.name_or_path)
+        plan: Any = plan_instructions(cfg)
+    else:
+        tokenizer, plan = load_tokenizer(cfg.model.name_or_path), plan_data(cfg)
     return tokenizer, plan, plan_privacy(cfg, plan.client_sizes)
+
+
+def check_context(cfg: DictConfig) -> None:
+    """data.max_length within the model's positions, read from its config.json (no torch)."""
+    path = local_file(cfg.model.name_or_path, "config.json")
+    if path is None:
+        return
+    values = json.loads(path.read_text()) | dict(cfg.model.config_overrides)
+    positions = values.get("max_position_embeddings")
+    if isinstance(positions, int) and cfg.data.max_length > positions:
+        raise ConfigError(f"data.max_length: {cfg.data.max_length} is more than the model's {positions} positions (max_position_embeddings)")
 
 
 def plan_privacy(cfg: DictConfig, client_sizes: list[int]) -> PrivacyBudget:
@@ -80,11 +100,17 @@ def server_settings(cfg: DictConfig, budget: PrivacyBudget) -> tuple[dict | None
     return central_dp, secagg
 
 
-def tokenize_checked(sim: Simulation, tokenizer: Tokenizer, plan: DataPlan) -> PreparedData:
+def tokenize_checked(sim: Simulation, tokenizer: Any, plan: Any) -> PreparedData:
     """Tokenize the data; where the driver read the tokenizer from its file, worker 0 compares a
     sample with AutoTokenizer (transformers may adjust a tokenizer.json from
-    tokenizer_config.json), and a difference means tokenizing again with AutoTokenizer."""
+    tokenizer_config.json), and a difference means tokenizing again with AutoTokenizer. For
+    task=causal_lm (a PromptTokenizer, which is AutoTokenizer, and an InstructionPlan) there is
+    nothing to compare."""
     max_length = sim.cfg.data.max_length
+    if sim.cfg.task == "causal_lm":
+        from raysim.data.instructions import tokenize_instructions
+
+        return tokenize_instructions(plan, tokenizer, max_length)
     check = None
     if tokenizer.from_file:
         sample = plan.texts[:: max(1, len(plan.texts) // TOKENIZER_SAMPLE)][:TOKENIZER_SAMPLE]
@@ -108,10 +134,11 @@ def put_data(sim: Simulation, data: PreparedData, num_workers: int) -> tuple[Any
     subset_parts = split_for_workers(data.eval_subset, eval_lengths, num_workers)
     offsets = np.concatenate([[0], np.cumsum(sim.client_sizes)])
     shards_ref = sim.backend.put((pa.concat_tables(data.client_shards).combine_chunks(), offsets))
-    eval_refs = [
-        sim.backend.put({"full": data.eval_full.take(full_parts[w]), "subset": data.eval_full.take(subset_parts[w])}) for w in range(num_workers)
-    ]
-    return shards_ref, eval_refs
+    tables: list[dict[str, pa.Table]] = [{"full": data.eval_full.take(full_parts[w]), "subset": data.eval_full.take(subset_parts[w])} for w in range(num_workers)]
+    if data.generate_subset is not None:
+        for w, rows in enumerate(split_for_workers(data.generate_subset, eval_lengths, num_workers)):
+            tables[w]["generate"] = data.eval_full.take(rows).append_column(GENERATE_ROW, pa.array(rows, pa.int64()))
+    return shards_ref, [sim.backend.put(t) for t in tables]
 
 
 def user_error_in(err: BaseException) -> UserError | None:

@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from raysim.client_batch import local_train_stacked
-from raysim.data.loading import from_arrow
+from raysim.data.loading import GENERATE_ROW, from_arrow
 from raysim.methods import build as build_method
 from raysim.methods.common import sketch_matrix
 from raysim.methods.protocol import Aggregation, ClientUpdate, Message
@@ -102,6 +102,8 @@ class ClientHost(SecAggClients):
         self.train_rows: ClientData | None = None  # every client's rows, client after client
         self.offsets = np.zeros(1, dtype=np.int64)  # client c's rows: offsets[c]:offsets[c + 1]
         self.eval_sets: dict[str, ClientData] = {}
+        self.generate_rows = np.zeros(0, dtype=np.int64)  # task=causal_lm: the evaluation rows this worker answers
+        self._tokenizer: Any = None
         self.states: dict[int, ClientState] = {}
         self.init_secagg()
 
@@ -122,6 +124,8 @@ class ClientHost(SecAggClients):
         table, self.offsets = shards
         self.train_rows = _as_client_data(table)
         self.eval_sets = {name: _as_client_data(t) for name, t in eval_tables.items()}
+        if "generate" in eval_tables:
+            self.generate_rows = eval_tables["generate"].column(GENERATE_ROW).to_numpy()
         self.states = {}
         self.noise = privacy.noise if privacy else {}
         self.histories = privacy.histories if privacy else {}
@@ -221,7 +225,7 @@ class ClientHost(SecAggClients):
         """Client ``cid``'s rows: views, made when needed (thousands of clients cost no objects)."""
         rows, start, end = self.train_rows, self.offsets[cid], self.offsets[cid + 1]
         assert rows is not None, "train_clients before load"
-        return ClientData(rows.ids[start:end], rows.lengths[start:end], rows.labels[start:end])
+        return ClientData(rows.ids[start:end], rows.lengths[start:end], rows.labels[start:end], rows.causal)
 
     def public_init(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The method's initialisation from the public split (``Method.public_init``)."""
@@ -433,6 +437,23 @@ class ClientHost(SecAggClients):
         if len(data) == 0:
             return 0.0, 0, 0
         return evaluate(self.model, data, int(self.cfg.eval.batch_size), self.device)
+
+    def generate(self, global_state: dict) -> list[tuple[int, str]]:
+        """task=causal_lm: (evaluation row, the global adapter's greedy answer) for this worker's
+        share of the rows scored by generation."""
+        from raysim.data.instructions import load_prompt_tokenizer
+        from raysim.generation import greedy_answers
+
+        load_adapter(self.params, self._take(global_state))
+        data = self.eval_sets.get("generate")
+        if data is None or len(data) == 0:
+            return []
+        if self._tokenizer is None:
+            self._tokenizer = load_prompt_tokenizer(self.cfg.model.name_or_path)
+        tok = self._tokenizer
+        e = self.cfg.eval
+        answers = greedy_answers(self.model, data, np.arange(len(data)), int(e.batch_size), int(e.max_new_tokens), tok.pad_token_id, tok.eos_token_id, self.device)
+        return [(int(self.generate_rows[i]), tok.hf.decode(ids, skip_special_tokens=True)) for i, ids in sorted(answers.items())]
 
     def adapter_files(self, global_state: dict) -> dict[str, bytes]:
         """The global adapter saved by PEFT, as file contents (the driver may be on another node).

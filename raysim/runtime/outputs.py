@@ -86,6 +86,12 @@ class RunOutputs:
         write_atomic(path, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
         return path
 
+    def write_predictions(self, predictions: list[dict[str, Any]]) -> Path:
+        """task=causal_lm: the final evaluation's generated answers, one JSON object per line."""
+        path = self.dir / "predictions.jsonl"
+        write_atomic(path, lambda p: p.write_text("".join(json.dumps(row) + "\n" for row in predictions)))
+        return path
+
     def close(self) -> None:
         if isinstance(self._tensorboard, TensorBoardLog):
             self._tensorboard.close()

@@ -38,10 +38,18 @@ from raysim.runtime.placement import assign_clients
 from raysim.runtime.rounds import place, plain_round
 from raysim.runtime.secure_round import secure_round
 from raysim.runtime.server import Server
+from raysim.scoring import is_correct
 
 log = logging.getLogger("raysim")
 
 _TRAIN_KEYS = ("lr", "lr_decay", "local_steps", "batch_size", "weighting")
+
+
+def _lm_scores(result: dict[str, float], score: str) -> str:
+    return (
+        f"{score} {result['eval_accuracy']:.4f} on {result['eval_examples']} generated answers, "
+        f"loss {result['eval_loss']:.4f} per response token (perplexity {result['eval_perplexity']:.2f})"
+    )
 
 
 class Simulation:
@@ -70,6 +78,9 @@ class Simulation:
         self.server: Any = None
         self._owns_ray = self._started_ray = False
         self._checkpointed_round = -1
+        self.answers: list[str] | None = None
+        self.untuned: dict[str, float] | None = None  # task=causal_lm: the evaluation before round 1
+        self._predictions: list[dict[str, Any]] = []
         self.ray_start_s = 0.0  # ray.init's share of startup_s; 0 where Ray was already up (or not used)
         local = self.cfg.runtime == "local"
 
@@ -96,6 +107,7 @@ class Simulation:
             server_args = (self.method, self.cfg.seed, self.cfg.clients.num, central_dp, secagg, self._sketch_columns(), self.backend.object_putter())
             self.server = self.backend.actor(self.server_class, *server_args, num_cpus=0)
             data = bootstrap.tokenize_checked(self, tokenizer, plan)
+            self.answers = data.answers  # task=causal_lm: the evaluation rows' reference responses
             # Each client's owner: the worker holding its local state (see raysim.runtime.placement).
             self.client_worker = {c: w for w, group in enumerate(assign_clients(self.client_sizes, num_workers)) for c in group}
             if saved and saved["workers"] == num_workers:
@@ -273,10 +285,13 @@ class Simulation:
         """One round: sample, broadcast, train on the workers in parallel, aggregate, evaluate.
 
         Raises BudgetExhausted, before doing anything, when no round fits the privacy budget."""
-        started = time.perf_counter()
         cfg, get = self.cfg, self.backend.get
         round_idx = self.round + 1
         self.budget.check_next_round(cfg.clients.num)
+        if round_idx == 1 and self.answers is not None and self.untuned is None:
+            self.untuned = self._evaluate("subset")
+            log.info("before round 1 (the untuned model): %s", _lm_scores(self.untuned, cfg.eval.score))
+        started = time.perf_counter()
         excluded = sorted(self.budget.exhausted)
         sampled = get(self.server.sample.remote(round_idx, cfg.clients.per_round, excluded))
         global_ref, downlink_by_rank = get(self.server.broadcast.remote())
@@ -326,8 +341,10 @@ class Simulation:
         if round_idx % cfg.eval.every == 0 or round_idx == cfg.rounds:
             result = self._evaluate("subset")
         else:
-            result = {"eval_loss": math.nan, "eval_accuracy": math.nan}
+            result = {"eval_loss": math.nan, "eval_accuracy": math.nan, "eval_perplexity": math.nan}
         row.update(eval_loss=result["eval_loss"], eval_accuracy=result["eval_accuracy"])
+        if self.answers is not None:
+            row["eval_perplexity"] = result["eval_perplexity"]
         row["eval_s"] = time.perf_counter() - eval_started
         row["wall_s"] = time.perf_counter() - started
         self.round = round_idx
@@ -374,11 +391,42 @@ class Simulation:
             except self.backend.lost:
                 log.warning("evaluation: worker %d is unavailable; its share of the %s set is skipped", w, split)
         loss, correct, n = (sum(r[i] for r in results) for i in range(3))
-        return {"eval_loss": loss / n if n else math.nan, "eval_accuracy": correct / n if n else math.nan, "eval_examples": n}
+        out = {"eval_loss": loss / n if n else math.nan, "eval_accuracy": correct / n if n else math.nan, "eval_examples": n}
+        if self.answers is not None:  # a causal LM: n counts response tokens; accuracy is the generated answers'
+            out["eval_perplexity"] = math.exp(out["eval_loss"]) if n else math.nan
+            out["eval_tokens"] = out.pop("eval_examples")
+            predictions = self._generate(global_ref)
+            scored = [p["correct"] for p in predictions]
+            out["eval_accuracy"] = sum(scored) / len(scored) if scored else math.nan
+            out["eval_examples"] = len(scored)
+            self._predictions = predictions
+        return out
+
+    def _generate(self, global_ref: Any) -> list[dict[str, Any]]:
+        """The workers' greedy answers to the rows scored by generation, scored against the
+        references (task=causal_lm)."""
+        assert self.answers is not None
+        calls = [worker.generate.remote(global_ref) for worker in self.workers]
+        answered: list[tuple[int, str]] = []
+        for w, call in enumerate(calls):
+            try:
+                answered.extend(self.backend.get(call))
+            except self.backend.lost:
+                log.warning("evaluation: worker %d is unavailable; its share of the generated answers is skipped", w)
+        kind = self.cfg.eval.score
+        return [
+            {"row": row, "prediction": text, "reference": self.answers[row], "correct": is_correct(kind, text, self.answers[row])}
+            for row, text in sorted(answered)
+        ]
 
     def evaluate(self) -> dict[str, float]:
-        """The current global adapter on the whole evaluation split (not just the per-round subset)."""
-        return self._evaluate("full")
+        """The current global adapter on the whole evaluation split (not just the per-round
+        subset). For a causal LM, the rows scored by generation are the fixed subset of every
+        evaluation, and their predictions go to output_dir/predictions.jsonl."""
+        result = self._evaluate("full")
+        if self.answers is not None:
+            self.outputs.write_predictions(self._predictions)
+        return result
 
     @property
     def metrics(self) -> pa.Table:
@@ -420,6 +468,7 @@ class Simulation:
                 "final_eval_accuracy": final.get("eval_accuracy"),
                 "final_eval_loss": final.get("eval_loss"),
                 "final_eval_examples": final.get("eval_examples"),
+                **({} if self.answers is None else self._lm_summary(final)),
                 "uplink_bytes": int(sum(r["uplink_bytes"] for r in rows)),
                 "downlink_bytes": int(sum(r["downlink_bytes"] for r in rows)),
                 "startup_s": round(self.startup_s, 3),
@@ -429,6 +478,17 @@ class Simulation:
                 "secagg": {"enabled": self.secure, "aborted_rounds": sum(bool(r.get("secagg_aborted")) for r in rows)},
             }
         )
+
+    def _lm_summary(self, final: dict[str, float]) -> dict[str, Any]:
+        untuned = self.untuned or {}
+        return {
+            "task": "causal_lm",
+            "score": self.cfg.eval.score,
+            "final_eval_perplexity": final.get("eval_perplexity"),
+            "untuned_eval_accuracy": untuned.get("eval_accuracy"),
+            "untuned_eval_loss": untuned.get("eval_loss"),
+            "untuned_eval_perplexity": untuned.get("eval_perplexity"),
+        }
 
     def shutdown(self) -> None:
         """Stop this simulation's actors, and Ray itself if this simulation started it."""

@@ -70,3 +70,6 @@ class ClientWorker:
 
     def adapter_files(self, global_state: dict) -> dict:
         return self.host.adapter_files(global_state)
+
+    def generate(self, global_state: dict) -> list:
+        return self.host.generate(global_state)
