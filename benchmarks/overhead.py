@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py --clients 100 --json FILE
     python benchmarks/overhead.py --clients 100 --rounds 5 key=value ...
+    python benchmarks/overhead.py --config configs/llm.yaml --clients 20 --rounds 3 --json FILE
 
 The workload (issue 5's reference): configs/tiny.yaml (a BERT with hidden size 64 and 2 layers),
 LoRA r=8 on query/value with A frozen (FFA-LoRA), N iid clients, 10 per round, 10 local SGD steps
@@ -12,6 +13,8 @@ of batch 16 at length 64.
   serialization.
 - raysim: a Simulation on a local Ray with the same CPUs (2 workers x 1 CPU by default).
 Both skip per-round evaluation. The two final adapters are compared, so the work is the same.
+With ``--config`` the workload is that file's as it is (e.g. configs/llm.yaml, the causal LM),
+evaluation off.
 
 ``ratio`` is raysim's time over the bare loop's for the rounds; start-up is reported apart. The
 ideal parallel round is the bare loop's single-thread step time x steps per round / worker CPUs.
@@ -60,10 +63,14 @@ def raysim_run(cfg, rounds: int) -> dict:
     return {"startup_s": startup_s, "rows": rows, "adapter": adapter}
 
 
-def measure(clients: int, rounds: int, overrides: list[str]) -> dict:
+NO_EVALUATION = ["rounds=1000000", "eval.every=1000000", "eval.aggregation_error=false", "eval.generate_examples=0"]
+
+
+def measure(clients: int, rounds: int, overrides: list[str], config: Path | None = None) -> dict:
     """Both runs and the comparison; starts (and stops) a local Ray unless one is running."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(CONFIG_DIR / "tiny.yaml", [*WORKLOAD, f"clients.num={clients}", f"output_dir={tmp}/run", *overrides])
+        workload = [*WORKLOAD] if config is None else list(NO_EVALUATION)
+        cfg = load_config(config or CONFIG_DIR / "tiny.yaml", [*workload, f"clients.num={clients}", f"output_dir={tmp}/run", *overrides])
         cpus = int(cfg.worker.count * cfg.worker.num_cpus)
         in_process = {"overwrite": True, "output_dir": f"{tmp}/bare"}
         single = bare_loop(OmegaConf.merge(cfg, in_process), min(rounds, 2), threads=1)  # single-thread step time, for the ideal parallel round
@@ -84,6 +91,7 @@ def measure(clients: int, rounds: int, overrides: list[str]) -> dict:
     ideal_round_s = single["step_ms"] / 1e3 * cfg.clients.per_round * cfg.train.local_steps / cpus
     mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
     return {
+        "config": str(config or "configs/tiny.yaml + workload.py"),
         "clients": clients,
         "per_round": cfg.clients.per_round,
         "local_steps": cfg.train.local_steps,
@@ -115,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--config", type=Path, help="a config file's workload instead of the reference (evaluation off)")
     parser.add_argument("overrides", nargs="*", help="key=value on top of the reference workload")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    r = measure(args.clients, args.rounds, args.overrides)
+    r = measure(args.clients, args.rounds, args.overrides, args.config)
     rounds, steps = r["rounds"], r["per_round"] * r["local_steps"]
     print(f"{r['clients']} clients, {r['per_round']} per round, {steps} client-steps per round, {r['cpus']} CPUs, {rounds} rounds")
     print(f"  raysim   {r['raysim_s']:7.2f} s  ({r['raysim_s'] / rounds:.3f} s/round; start-up {r['startup_s']:.1f} s after Ray's own {r['ray_start_s']:.1f} s)")

@@ -1,6 +1,7 @@
 """Memory and start-up against the number of clients.
 
     python benchmarks/scale.py --clients 100 1000 5000 --json FILE
+    python benchmarks/scale.py --config configs/llm.yaml --clients 20 200 --json FILE train.batch_size=1
 
 For each N: configs/tiny.yaml over all ~30k training tweets (iid, length 64), N clients, one round
 in which *every* client trains one AdamW step, so every client holds its full local state (AdamW
@@ -12,7 +13,9 @@ own local Ray (2 CPUs, no dashboard), sampled every 0.2 s:
 - steady memory: the same sum after the round;
 - start-up: from Simulation() to ready, Ray's own start (ray.init) reported apart.
 Memory per extra client is the steady memory's slope between the smallest and largest N; it is
-compared with the bound 2 x (adapter + optimizer state) + the client's shard.
+compared with the bound 2 x (adapter + optimizer state) + the client's shard. ``--config`` takes
+another config's model and data (SmolLM2 on BoolQ: one resident 135M-parameter model per worker),
+with the same settings and any ``key=value`` overrides after them.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def tree_pss() -> int:
     return total
 
 
-def one(clients: int) -> dict:
+def one(clients: int, config: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """Runs in its own process: start-up, one round of every client, memory samples."""
     import ray
 
@@ -68,7 +71,10 @@ def one(clients: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(CONFIG_DIR / "tiny.yaml", [*SETTINGS, f"clients.num={clients}", f"clients.per_round={clients}", f"output_dir={tmp}/run"])
+        settings = [*SETTINGS, f"clients.num={clients}", f"clients.per_round={clients}", f"output_dir={tmp}/run", *overrides]
+        if config is not None:
+            settings.append("eval.generate_examples=0")
+        cfg = load_config(config or CONFIG_DIR / "tiny.yaml", settings)
         ray_started = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
         ray_start_s = time.perf_counter() - ray_started
@@ -94,12 +100,12 @@ def one(clients: int) -> dict:
     }
 
 
-def measure(clients: list[int]) -> dict:
+def measure(clients: list[int], config: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
     results = []
     for n in clients:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "one.json"
-            command = [sys.executable, __file__, "--one", str(n), "--json", str(out)]
+            command = [sys.executable, __file__, "--one", str(n), "--json", str(out), *(["--config", config] if config else []), *overrides]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"{n} clients failed:\n{done.stderr[-3000:]}")
@@ -110,19 +116,21 @@ def measure(clients: list[int]) -> dict:
     shard = high["train_rows"] / high["clients"] * high["row_bytes"]
     # AdamW keeps two moments per trained value: optimizer state = 2 x adapter.
     bound = 2 * (adapter + 2 * adapter) + shard
-    return {"results": results, "bytes_per_extra_client": per_client, "bound_per_client": bound, "adapter_bytes": adapter, "optimizer_bytes": 2 * adapter}
+    return {"config": config or "configs/tiny.yaml", "overrides": list(overrides), "results": results, "bytes_per_extra_client": per_client, "bound_per_client": bound, "adapter_bytes": adapter, "optimizer_bytes": 2 * adapter}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 5000])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--config", help="another config's model and data")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value after the settings")
     args = parser.parse_args(argv)
     if args.one:
-        args.json.write_text(json.dumps(one(args.one)))
+        args.json.write_text(json.dumps(one(args.one, args.config, tuple(args.overrides))))
         return 0
-    r = measure(args.clients)
+    r = measure(args.clients, args.config, tuple(args.overrides))
     mib = 2**20
     print("every client trains once (one AdamW step), so each holds its full local state; 2 CPUs")
     print(f"{'clients':>8}{'Ray start s':>12}{'start-up s':>11}{'round s':>9}{'peak MiB':>10}{'steady MiB':>11}")

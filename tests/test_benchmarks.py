@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from raysim.config import CONFIG_DIR
+
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -43,8 +45,14 @@ def test_secagg_benchmark_verifies_its_sums_on_small_sizes(tmp_path):
     assert all(r["verified"] and r["dropped"] == round(0.1 * r["clients"]) for r in results)
 
 
-def test_overhead_runs_the_same_work_in_both_loops():
-    result = _load("overhead").measure(clients=10, rounds=1, overrides=["clients.per_round=4", "train.local_steps=2", "data.max_rows=2000"])
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_overhead_runs_the_same_work_in_both_loops(request, task):
+    small = ["clients.per_round=4", "train.local_steps=2"]
+    if task == "classification":
+        result = _load("overhead").measure(clients=10, rounds=1, overrides=[*small, "data.max_rows=2000"])
+    else:  # a config's own workload, as --config gives it
+        lm = [o for o in request.getfixturevalue("tiny_lm") if not o.startswith("clients.")]
+        result = _load("overhead").measure(clients=6, rounds=1, overrides=[*lm, *small, "train.optimizer=sgd", "train.lr=0.5"], config=CONFIG_DIR / "tiny.yaml")
     assert result["raysim_s"] > 0 and result["bare_s"] > 0 and result["ratio"] > 0
     assert result["max_adapter_difference"] < 1e-6 < 1e-3 < result["max_adapter_change"]  # same work, and it did something
     assert set(result["round_breakdown_s"]) >= {"aggregation (server call)", "scheduling and serialization (the rest)"}
@@ -64,7 +72,7 @@ def test_throughput_compares_worker_counts(tmp_path):
 
 def test_scale_reports_memory_per_client(tmp_path):
     out = tmp_path / "scale.json"
-    assert _load("scale").main(["--clients", "20", "60", "--json", str(out)]) == 0
+    assert _load("scale").main(["--clients", "20", "60", "--json", str(out), "data.max_rows=3000"]) == 0
     r = json.loads(out.read_text())
     assert [x["clients"] for x in r["results"]] == [20, 60] and all(x["trained"] == x["clients"] for x in r["results"])
     assert all(x["peak_bytes"] >= x["steady_bytes"] * 0.5 > 0 for x in r["results"]) and r["bound_per_client"] > 0

@@ -78,6 +78,12 @@ def test_truncation_keeps_the_response_and_the_templates_opening(which, plain_to
         assert ids[1, : starts[1]].tolist() == hf(rendered, add_special_tokens=False)["input_ids"]
 
 
+def test_a_chat_template_that_fails_is_a_user_error(tmp_path):
+    directory = write_tiny_llama(tmp_path / "broken", "{{ raise_exception('no user turns here') }}")
+    with pytest.raises(UserError, match="model.name_or_path: the tokenizer's chat template fails: no user turns here"):
+        load_prompt_tokenizer(str(directory))
+
+
 def test_rows_come_from_templates_or_chat_messages(tmp_path):
     table = pa.table({"q": ["a?", None, "c?"], "label": [True, False, None], "messages": [None, None, None]})
     cfg = tiny_config(tmp_path).data

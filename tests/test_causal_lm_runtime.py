@@ -76,6 +76,7 @@ def test_a_run_scores_generated_answers_and_its_adapter_generates_them_in_peft(t
 METHODS = {
     "ffa_lora": [],
     "lora": [],
+    "lora-central_dp": ["privacy.mode=central_dp", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5"],
     "lora_fair": [],
     "flasc": [],
     "fed_sb": ["lora.rank=4", "data.public_rows=24"],
@@ -86,7 +87,7 @@ METHODS = {
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_tunes_a_causal_lm(tmp_path, tiny_lm, method):
-    cfg = tiny_config(tmp_path, *tiny_lm, "runtime=local", f"method={method}", *METHODS[method], "rounds=2", "eval.generate_examples=4", "worker.count=1")
+    cfg = tiny_config(tmp_path, *tiny_lm, "runtime=local", f"method={method.split('-')[0]}", *METHODS[method], "rounds=2", "eval.generate_examples=4", "worker.count=1")
     rows, adapter, final = _run(cfg)
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["eval_loss"]) for r in rows)
     assert final["eval_examples"] == 4 and adapter
@@ -123,6 +124,8 @@ def test_a_resumed_causal_lm_run_equals_the_uninterrupted_one(tmp_path, tiny_lm)
     resumed = load_config(CONFIG_DIR / "tiny.yaml", [*args, f"resume={tmp_path / 'part' / 'run'}", "rounds=3"])
     _, got, _ = _run(resumed)
     assert all(np.array_equal(got[k], whole[k]) for k in whole)
+    summaries = [json.loads((tmp_path / name / "run" / "summary.json").read_text()) for name in ("whole", "part")]
+    assert summaries[1]["untuned_eval_loss"] == summaries[0]["untuned_eval_loss"] is not None  # the resumed run's summary keeps it
 
 
 def test_a_template_override_needs_quotes_and_is_told_so(tmp_path, tiny_lm):

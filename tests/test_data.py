@@ -156,6 +156,24 @@ def test_prepare_counts_dropped_rows_in_the_log(tmp_path, caplog):
     assert sum(t.num_rows for t in data.client_shards) + data.eval_full.num_rows == 40
 
 
+def test_a_natural_split_of_labelled_texts_follows_the_client_column_of_the_kept_rows(tmp_path):
+    from conftest import tiny_config
+    from raysim.data.prepare import plan_data
+
+    # Authors a (12 rows), b (8), c (4); two rows with empty text sit between them and are dropped.
+    authors = ["a"] * 6 + ["x", "x"] + ["a"] * 6 + ["b"] * 8 + ["c"] * 4
+    texts = [f"text {i}" if author != "x" else "" for i, author in enumerate(authors)]
+    path = tmp_path / "authors.csv"
+    pyarrow.csv.write_csv(pa.table({"text": texts, "sentiment": ["pos", "neg"] * 13, "author": authors}), path)
+    cfg = tiny_config(tmp_path, f"data.path={path}", "data.labels=[neg,pos]", "clients.num=2", "clients.per_round=2", "data.partition=natural", "data.client_column=author", "data.test_fraction=0.1")
+    plan = plan_data(cfg)
+    train_texts = plan.texts[: plan.n_train]
+    owner = {t: authors[int(t.split()[1])] for t in train_texts}
+    by_client = [sorted({owner[train_texts[i]] for i in part}) for part in plan.parts]
+    assert by_client == [["a"], ["b", "c"]]  # the largest author alone, the two others merged
+    assert sum(map(len, plan.parts)) == plan.n_train
+
+
 def test_balance_evens_out_a_round_with_the_fewest_moves():
     rng = np.random.default_rng(3)
     for _ in range(200):

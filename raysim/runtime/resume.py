@@ -52,6 +52,7 @@ def save_checkpoint(sim: Simulation) -> Path:
         "workers": len(sim.workers),
         "budget": sim.budget.state_dict(),
         "rows": sim.rows,
+        "untuned": sim.untuned,
     }
     path = write_checkpoint(sim.output_dir, sim.round, state, to_yaml(sim.cfg), sim.cfg.checkpoint.keep)
     log.info("checkpoint of round %d: %s", sim.round, path)
@@ -74,3 +75,4 @@ def restore(sim: Simulation, saved: dict[str, Any]) -> None:
             sim.method_states.update(dict.fromkeys(kept, ref))
     sim.round = saved["round"]
     sim.rows = list(saved["rows"])
+    sim.untuned = saved.get("untuned")
