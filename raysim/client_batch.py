@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from raysim.losses import example_losses
-from raysim.training import ClientData, collate, saved_optimizer_state, swap_optimizer_state
+from raysim.training import ClientData, collate, logits_and_targets, saved_optimizer_state, swap_optimizer_state
 
 
 class ClientStackedLinear(nn.Module):
@@ -115,9 +115,8 @@ def local_train_stacked(
                 raise ValueError("clients trained together need equally large batches")
             width = max(int(d.lengths[rows].max()) for d, rows in zip(data, step_rows))
             parts = [collate(d, rows, device, width) for d, rows in zip(data, step_rows)]
-            ids, mask, labels = (torch.cat(column) for column in zip(*parts))
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            losses = example_losses(logits, labels).view(clients, -1).mean(dim=1)
+            logits, targets = logits_and_targets(model, *(torch.cat(column) for column in zip(*parts)))
+            losses = example_losses(logits, targets).view(clients, -1).mean(dim=1)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()

@@ -2,7 +2,8 @@
 
 - classification: cross-entropy of the row's class.
 - causal_lm: the mean cross-entropy of the row's response tokens, each predicted from the tokens
-  before it; prompt and padding positions carry no loss (targets -100, as transformers' labels).
+  before it; prompt and padding positions carry no loss (targets -100, as transformers' labels),
+  and their logits are not computed (:func:`response_positions`).
   A row's loss is its own mean, so a long response weighs what a short one does, and
   per-example clipping bounds each row alike. The batch loss is the mean over rows, under DP-SGD
   and without it, so both optimise the same objective.
@@ -26,6 +27,21 @@ def response_targets(ids: np.ndarray, lengths: np.ndarray, response_start: np.nd
     position = np.arange(1, width + 1)[None, :]
     keep = (position >= response_start[:, None]) & (position < lengths[:, None])
     return np.where(keep, nxt, IGNORE)
+
+
+def response_positions(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For token targets [B, L] (:func:`response_targets`): the positions whose logits the loss
+    needs, [B, K] with K the batch's longest response (a row's are contiguous: its response), and
+    the targets at them, IGNORE past a shorter row's response. A causal LM then projects K
+    positions per row onto its vocabulary instead of L (transformers' ``logits_to_keep``)."""
+    keep = targets != IGNORE
+    counts = keep.sum(dim=1)
+    width = max(1, int(counts.max()))
+    first = keep.to(torch.int8).argmax(dim=1)
+    offsets = torch.arange(width, device=targets.device)
+    positions = (first[:, None] + offsets).clamp(max=targets.shape[1] - 1)
+    kept = torch.where(offsets < counts[:, None], targets.gather(1, positions), IGNORE)
+    return positions, kept
 
 
 def example_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from raysim.losses import example_losses, mean_loss, response_targets, token_loss_sum
+from raysim.losses import example_losses, mean_loss, response_positions, response_targets, token_loss_sum
 
 
 @dataclass
@@ -145,6 +145,16 @@ def collate(data: ClientData, idx: np.ndarray, device: torch.device, width: int 
     return ids.to(device), mask.long().to(device), targets.to(device)
 
 
+def logits_and_targets(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and the targets they score. A causal LM's output layer runs only at
+    its rows' response positions: B x K x vocab logits for K response tokens, not B x L x vocab
+    (for a yes/no answer after a 190-token prompt, 2 positions of 192)."""
+    if targets.dim() == 1:
+        return model(input_ids=ids, attention_mask=mask).logits, targets
+    positions, kept = response_positions(targets)
+    return model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits, kept
+
+
 def load_adapter(params: Mapping[str, torch.nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
     """Copy adapter values into the resident model's tensors in place (never rebuild the model)."""
     with torch.no_grad():
@@ -196,9 +206,8 @@ def local_train(
     total, counted = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     for idx in batches:
         empty = len(idx) == 0
-        ids, mask, labels = collate(data, np.zeros(1, dtype=np.int64) if empty else idx, device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = loss_fn(logits, labels)
+        logits, targets = logits_and_targets(model, *collate(data, np.zeros(1, dtype=np.int64) if empty else idx, device))
+        loss = loss_fn(logits, targets)
         if empty:
             loss = loss * 0.0
         optimizer.zero_grad(set_to_none=True)
@@ -219,9 +228,8 @@ def backward_mean_loss(model: torch.nn.Module, data: ClientData, batch_size: int
     model.eval()
     order = np.argsort(data.lengths, kind="stable")
     for start in range(0, len(order), batch_size):
-        ids, mask, labels = collate(data, order[start : start + batch_size], device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        (example_losses(logits, labels).sum() / len(order)).backward()
+        logits, targets = logits_and_targets(model, *collate(data, order[start : start + batch_size], device))
+        (example_losses(logits, targets).sum() / len(order)).backward()
     model.train(was_training)
 
 
@@ -234,8 +242,7 @@ def evaluate(model: torch.nn.Module, data: ClientData, batch_size: int, device: 
     loss_sum, correct, counted = 0.0, 0, 0
     order = np.argsort(data.lengths, kind="stable")
     for start in range(0, len(order), batch_size):
-        ids, mask, targets = collate(data, order[start : start + batch_size], device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits, targets = logits_and_targets(model, *collate(data, order[start : start + batch_size], device))
         if data.causal:
             batch_loss, tokens = token_loss_sum(logits, targets)
             loss_sum, counted = loss_sum + batch_loss, counted + tokens

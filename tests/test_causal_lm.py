@@ -10,11 +10,11 @@ from conftest import CHATML, tiny_config, write_tiny_llama
 from raysim.config import ConfigError, UserError
 from raysim.data.instructions import PromptTokenizer, instruction_rows, load_prompt_tokenizer
 from raysim.data.partition import natural
-from raysim.losses import IGNORE, example_losses, response_targets
+from raysim.losses import IGNORE, example_losses, response_positions, response_targets
 from raysim.model import build_model, trainable_parameters
 from raysim.privacy.local_dp import DPSGD
 from raysim.scoring import is_correct, number, yes_no
-from raysim.training import ClientData, collate
+from raysim.training import ClientData, collate, logits_and_targets
 
 
 def _rows(n=5, width=10, seed=0):
@@ -48,6 +48,17 @@ def test_a_rows_loss_is_the_mean_over_its_response_tokens():
         assert positions and got[i] == pytest.approx(np.mean([-log_p[i, t, targets[i, t]] for t in positions]), rel=1e-9)
 
 
+def test_the_losses_need_only_the_response_positions_logits():
+    ids, lengths, starts = _rows(n=6, width=14, seed=4)
+    targets = torch.from_numpy(response_targets(ids, lengths, starts, ids.shape[1]))
+    targets = torch.where(targets == IGNORE, IGNORE, targets % 11)
+    logits = torch.randn(*targets.shape, 11, dtype=torch.float64)
+    positions, kept = response_positions(targets)
+    assert positions.shape[1] == int((lengths - starts).max())
+    sliced = torch.take_along_dim(logits, positions[..., None], dim=1)  # what logits_to_keep computes
+    torch.testing.assert_close(example_losses(sliced, kept), example_losses(logits, targets), rtol=1e-12, atol=0)
+
+
 @pytest.fixture(scope="module")
 def plain_tokenizer(tmp_path_factory):
     return load_prompt_tokenizer(str(write_tiny_llama(tmp_path_factory.mktemp("plain"))))
@@ -62,13 +73,13 @@ def chat_tokenizer(tmp_path_factory):
 def test_truncation_keeps_the_response_and_the_templates_opening(which, plain_tokenizer, chat_tokenizer):
     tok: PromptTokenizer = plain_tokenizer if which == "plain" else chat_tokenizer
     words = " ".join(f"w{i}" for i in range(60))
-    ids, lengths, starts, cut_prompts, cut_responses = tok.encode([words, "short"], ["yes", "no"], 32)
+    ids, lengths, starts, cut_rows, cut_responses = tok.encode([words, "short"], ["yes", "no"], 32)
     hf = tok.hf
     for row, answer in enumerate(["yes", "no"]):
         row_ids = ids[row, : lengths[row]].tolist()
         assert row_ids[starts[row] :] == hf(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert row_ids[: len(tok.head)] == tok.head
-    assert lengths[0] == 32 and cut_prompts == 1 and cut_responses == 0
+    assert lengths[0] == 32 and cut_rows == 1 and cut_responses == 0
     # The long prompt lost its first words, not its last: its kept tokens end as the full prompt's do.
     full = hf(words, add_special_tokens=False)["input_ids"] + tok.tail
     kept = ids[0, len(tok.head) : starts[0]].tolist()
@@ -82,6 +93,16 @@ def test_a_chat_template_that_fails_is_a_user_error(tmp_path):
     directory = write_tiny_llama(tmp_path / "broken", "{{ raise_exception('no user turns here') }}")
     with pytest.raises(UserError, match="model.name_or_path: the tokenizer's chat template fails: no user turns here"):
         load_prompt_tokenizer(str(directory))
+
+
+def test_a_response_longer_than_the_row_is_cut_at_the_right_and_counted(plain_tokenizer):
+    tok = plain_tokenizer
+    answer = " ".join(f"a{i}" for i in range(40))
+    ids, lengths, starts, cut_rows, cut_responses = tok.encode(["question"], [answer], 16)
+    full = tok.hf(answer, add_special_tokens=False)["input_ids"]
+    assert (cut_rows, cut_responses) == (1, 1) and lengths[0] == 16
+    assert starts[0] == len(tok.head) + 1  # one prompt token kept
+    assert ids[0, starts[0] : 16].tolist() == full[: 16 - starts[0]]  # the response's start, its end cut
 
 
 def test_rows_come_from_templates_or_chat_messages(tmp_path):
@@ -162,7 +183,7 @@ def test_dp_sgd_clips_each_sequence_like_an_independent_computation(tmp_path, ti
     dp = DPSGD(model, torch.optim.SGD(list(params.values()), lr=0.0), clip, mode)
     dp.set_client(0.0, expected_batch, torch.Generator().manual_seed(0))
     dp.optimizer.zero_grad()
-    dp.loss(model(input_ids=x, attention_mask=mask).logits, targets).backward()
+    dp.loss(*logits_and_targets(model, x, mask, targets)).backward()  # as training computes it: the response's logits only
     dp.optimizer.pre_step()
     got = torch.cat([p.grad.flatten() for p in params.values()])
     want = torch.cat([clipped[k].flatten() for k in params]) / expected_batch

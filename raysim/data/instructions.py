@@ -119,19 +119,20 @@ class PromptTokenizer:
         return [self.head] * len(prompts), [c + self.tail for c in self._encode(list(prompts))]
 
     def encode(self, prompts: list[Any], responses: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-        """(ids [n, L] padded, lengths, response starts, prompts cut, responses cut)."""
+        """(ids [n, L] padded, lengths, response starts, rows cut, of which responses cut)."""
         heads, bodies = self.prompt_ids(prompts)
         answers = [r + [self.eos_token_id] for r in self._encode(responses)]
-        rows, starts, cut_prompts, cut_responses = [], [], 0, 0
+        rows, starts, cut_rows, cut_responses = [], [], 0, 0
         if heads and max_length - len(heads[0]) < 2:
             raise UserError(f"data.max_length: {max_length} leaves no room after the chat template's {len(heads[0])} opening tokens")
         for head, body, answer in zip(heads, bodies, answers):
             room = max_length - len(head)
+            cut_rows += len(head) + len(body) + len(answer) > max_length
             if len(answer) > room - 1:  # keep one prompt token at least
                 answer, cut_responses = answer[: room - 1], cut_responses + 1
             keep = room - len(answer)
             if len(body) > keep:
-                body, cut_prompts = body[len(body) - keep :], cut_prompts + 1
+                body = body[len(body) - keep :]
             prompt = head + body
             rows.append(prompt + answer)
             starts.append(len(prompt))
@@ -139,7 +140,7 @@ class PromptTokenizer:
         ids = np.full((len(rows), int(lengths.max())), self.pad_token_id, dtype=np.int32)
         for i, seq in enumerate(rows):
             ids[i, : len(seq)] = seq
-        return ids, lengths, np.asarray(starts, dtype=np.int64), cut_prompts, cut_responses
+        return ids, lengths, np.asarray(starts, dtype=np.int64), cut_rows, cut_responses
 
 
 def load_prompt_tokenizer(name_or_path: str) -> PromptTokenizer:
@@ -204,14 +205,13 @@ def plan_instructions(cfg) -> InstructionPlan:
 
 
 def tokenize_instructions(plan: InstructionPlan, tokenizer: PromptTokenizer, max_length: int) -> PreparedData:
-    ids, lengths, starts, cut_prompts, cut_responses = tokenizer.encode(plan.prompts, plan.responses, max_length)
-    if cut_prompts or cut_responses:
+    ids, lengths, starts, cut_rows, cut_responses = tokenizer.encode(plan.prompts, plan.responses, max_length)
+    if cut_rows:
         log.warning(
-            "data: %d of %d rows are longer than data.max_length=%d: %d lost prompt tokens from the left, %d responses were cut at the right",
-            cut_prompts + cut_responses,
+            "data: %d of %d rows are longer than data.max_length=%d and lost prompt tokens from the left (%d of them also the end of their response)",
+            cut_rows,
             len(lengths),
             max_length,
-            cut_prompts,
             cut_responses,
         )
     n, end = plan.n_train, len(lengths) - plan.n_public

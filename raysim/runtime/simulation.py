@@ -288,7 +288,7 @@ class Simulation:
         cfg, get = self.cfg, self.backend.get
         round_idx = self.round + 1
         self.budget.check_next_round(cfg.clients.num)
-        if round_idx == 1 and self.answers is not None and self.untuned is None:
+        if round_idx == 1 and self.causal_lm and self.untuned is None:
             self.untuned = self._evaluate("subset")
             log.info("before round 1 (the untuned model): %s", _lm_scores(self.untuned, cfg.eval.score))
         started = time.perf_counter()
@@ -343,7 +343,7 @@ class Simulation:
         else:
             result = {"eval_loss": math.nan, "eval_accuracy": math.nan, "eval_perplexity": math.nan}
         row.update(eval_loss=result["eval_loss"], eval_accuracy=result["eval_accuracy"])
-        if self.answers is not None:
+        if self.causal_lm:
             row["eval_perplexity"] = result["eval_perplexity"]
         row["eval_s"] = time.perf_counter() - eval_started
         row["wall_s"] = time.perf_counter() - started
@@ -392,7 +392,7 @@ class Simulation:
                 log.warning("evaluation: worker %d is unavailable; its share of the %s set is skipped", w, split)
         loss, correct, n = (sum(r[i] for r in results) for i in range(3))
         out = {"eval_loss": loss / n if n else math.nan, "eval_accuracy": correct / n if n else math.nan, "eval_examples": n}
-        if self.answers is not None:  # a causal LM: n counts response tokens; accuracy is the generated answers'
+        if self.causal_lm:  # n counts response tokens; accuracy is the generated answers'
             out["eval_perplexity"] = math.exp(out["eval_loss"]) if n else math.nan
             out["eval_tokens"] = out.pop("eval_examples")
             predictions = self._generate(global_ref)
@@ -401,6 +401,10 @@ class Simulation:
             out["eval_examples"] = len(scored)
             self._predictions = predictions
         return out
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.cfg.task == "causal_lm"
 
     def _generate(self, global_ref: Any) -> list[dict[str, Any]]:
         """The workers' greedy answers to the rows scored by generation, scored against the
@@ -424,7 +428,7 @@ class Simulation:
         subset). For a causal LM, the rows scored by generation are the fixed subset of every
         evaluation, and their predictions go to output_dir/predictions.jsonl."""
         result = self._evaluate("full")
-        if self.answers is not None:
+        if self.causal_lm:
             self.outputs.write_predictions(self._predictions)
         return result
 
@@ -468,7 +472,7 @@ class Simulation:
                 "final_eval_accuracy": final.get("eval_accuracy"),
                 "final_eval_loss": final.get("eval_loss"),
                 "final_eval_examples": final.get("eval_examples"),
-                **({} if self.answers is None else self._lm_summary(final)),
+                **(self._lm_summary(final) if self.causal_lm else {}),
                 "uplink_bytes": int(sum(r["uplink_bytes"] for r in rows)),
                 "downlink_bytes": int(sum(r["downlink_bytes"] for r in rows)),
                 "startup_s": round(self.startup_s, 3),
