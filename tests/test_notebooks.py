@@ -1,5 +1,6 @@
 """The notebooks under notebooks/ run top to bottom in a real Jupyter kernel, and leave no Ray behind."""
 
+import importlib.util
 import os
 import threading
 import time
@@ -86,6 +87,9 @@ def test_notebook_runs_twice_in_one_kernel_and_leaks_no_ray(path):
     cell error): the second start works, and afterwards Ray is off in the kernel and every process
     it started (raylet, GCS, workers) has exited."""
     client = notebook_client(path)
+    missing = [m for m in client.nb.metadata.get("raysim", {}).get("needs", []) if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{path.name} needs {', '.join(missing)}: pip install -e '.[llm]'")
     with client.setup_kernel(env=kernel_env(), cleanup_kc=True):
         kernel = psutil.Process(client.km.provisioner.pid)
         with Descendants(kernel) as started:
