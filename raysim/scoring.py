@@ -51,8 +51,11 @@ def choice(text: str) -> str | None:
 EXTRACT = {"exact": normalise, "yes_no": yes_no, "number": number, "choice": choice}
 
 
+def extract_answer(kind: str, text: str) -> str | float | None:
+    return EXTRACT[kind](text)
+
+
 def is_correct(kind: str, prediction: str, reference: str) -> bool:
     """Whether the answer extracted from ``prediction`` equals the one in ``reference``."""
-    extract = EXTRACT[kind]
-    want = extract(reference)
-    return want is not None and extract(prediction) == want
+    want = extract_answer(kind, reference)
+    return want is not None and extract_answer(kind, prediction) == want

@@ -39,6 +39,8 @@ def test_a_run_scores_generated_answers_and_its_adapter_generates_them_in_peft(t
     assert len(predictions) == cfg.eval.generate_examples == final["eval_examples"]
     assert final["eval_accuracy"] == pytest.approx(np.mean([p["correct"] for p in predictions]))
     assert all(p["reference"] in ("yes", "no") for p in predictions)
+    shares = [sum(p["reference"] == answer for p in predictions) / len(predictions) for answer in ("yes", "no")]
+    assert summary["constant_answer_accuracy"] == pytest.approx(max(shares))
     assert summary["untuned_eval_loss"] > summary["final_eval_loss"]  # tuning taught it the answers' tokens
     assert summary["final_eval_perplexity"] == pytest.approx(math.exp(summary["final_eval_loss"]))
     assert all(r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in rows)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -38,7 +39,7 @@ from raysim.runtime.placement import assign_clients
 from raysim.runtime.rounds import place, plain_round
 from raysim.runtime.secure_round import secure_round
 from raysim.runtime.server import Server
-from raysim.scoring import is_correct
+from raysim.scoring import extract_answer, is_correct
 
 log = logging.getLogger("raysim")
 
@@ -290,7 +291,11 @@ class Simulation:
         self.budget.check_next_round(cfg.clients.num)
         if round_idx == 1 and self.causal_lm and self.untuned is None:
             self.untuned = self._evaluate("subset")
-            log.info("before round 1 (the untuned model): %s", _lm_scores(self.untuned, cfg.eval.score))
+            log.info(
+                "before round 1 (the untuned model): %s; one answer given to every row would score %.4f",
+                _lm_scores(self.untuned, cfg.eval.score),
+                self._constant_answer_score(),
+            )
         started = time.perf_counter()
         excluded = sorted(self.budget.exhausted)
         sampled = get(self.server.sample.remote(round_idx, cfg.clients.per_round, excluded))
@@ -402,6 +407,12 @@ class Simulation:
             self._predictions = predictions
         return out
 
+    def _constant_answer_score(self) -> float:
+        """The share of the scored rows whose reference answer is the most common one: what a
+        model that learnt only the answers' prior (always "yes") scores."""
+        references = [extract_answer(self.cfg.eval.score, p["reference"]) for p in self._predictions]
+        return max(Counter(references).values()) / len(references) if references else math.nan
+
     @property
     def causal_lm(self) -> bool:
         return self.cfg.task == "causal_lm"
@@ -492,6 +503,7 @@ class Simulation:
             "untuned_eval_accuracy": untuned.get("eval_accuracy"),
             "untuned_eval_loss": untuned.get("eval_loss"),
             "untuned_eval_perplexity": untuned.get("eval_perplexity"),
+            "constant_answer_accuracy": self._constant_answer_score(),
         }
 
     def shutdown(self) -> None:
