@@ -95,6 +95,15 @@ def test_a_chat_template_that_fails_is_a_user_error(tmp_path):
         load_prompt_tokenizer(str(directory))
 
 
+def test_chat_rows_are_rendered_whole_by_the_template(chat_tokenizer):
+    tok = chat_tokenizer
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    ids, lengths, starts, cut_rows, _ = tok.encode([conversation], ["hi"], 64)
+    rendered = tok.hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert ids[0, : starts[0]].tolist() == tok.hf(rendered, add_special_tokens=False)["input_ids"] and cut_rows == 0
+    assert ids[0, starts[0] : lengths[0]].tolist() == tok.hf("hi", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
 def test_a_response_longer_than_the_row_is_cut_at_the_right_and_counted(plain_tokenizer):
     tok = plain_tokenizer
     answer = " ".join(f"a{i}" for i in range(40))
