@@ -383,9 +383,10 @@ def _popen_logged(command: list[str], log: Path, env: dict) -> subprocess.Popen:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def test_jobs_on_a_head_node(head_node, tmp_path, capsys, monkeypatch):
+def test_jobs_on_a_head_node(head_node, tmp_path, capsys, monkeypatch, tiny_lm):
     """Jobs at once, to keep the test short: one through Ray's own CLI and cluster/runtime_env.yaml,
-    a `raysim submit` that fails on the cluster, one interrupted with Ctrl-C, one that succeeds."""
+    a `raysim submit` that fails on the cluster, one interrupted with Ctrl-C, one that succeeds,
+    and one that instruction-tunes a causal LM."""
     monkeypatch.chdir(REPO)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["RAY_AUTH_MODE"] = "disabled"
@@ -401,6 +402,11 @@ def test_jobs_on_a_head_node(head_node, tmp_path, capsys, monkeypatch):
     (taken / "keep").write_text("")
     failing = _popen_logged(
         ["raysim", "submit", "configs/tiny.yaml", *FAST, f"output_dir={taken}", "--address", head_node], failing_log, env
+    )
+    causal_log, causal_out = tmp_path / "causal.log", tmp_path / "causal"
+    causal = _popen_logged(
+        ["raysim", "submit", "configs/tiny.yaml", *tiny_lm, *FAST, "eval.generate_examples=6", f"output_dir={causal_out}", "--address", head_node],
+        causal_log, env,
     )
     # Ctrl-C's default action, even when pytest runs where SIGINT is ignored (under nohup, say),
     # which a child would inherit and Python would then never raise KeyboardInterrupt.
@@ -428,6 +434,13 @@ def test_jobs_on_a_head_node(head_node, tmp_path, capsys, monkeypatch):
 
     assert failing.wait(timeout=180) == 1, failing_log.read_text()[-3000:]
     assert "FAILED" in failing_log.read_text() and "already exists and is not empty" in failing_log.read_text()
+
+    assert causal.wait(timeout=180) == 0, causal_log.read_text()[-3000:]
+    _check_outputs(causal_out)
+    summary = json.loads((causal_out / "summary.json").read_text())
+    predictions = [json.loads(line) for line in (causal_out / "predictions.jsonl").read_text().splitlines()]
+    assert summary["task"] == "causal_lm" and len(predictions) == summary["final_eval_examples"] == 6
+    assert summary["final_eval_accuracy"] == sum(p["correct"] for p in predictions) / 6
 
     assert ray_cli.wait(timeout=180) == 0, ray_cli_log.read_text()[-3000:]
     assert "succeeded" in ray_cli_log.read_text().lower()
