@@ -119,3 +119,15 @@ def test_a_config_edited_after_loading_is_checked_like_one_loaded():
     cfg.train.weighting = "by_size"
     with pytest.raises(UserError, match="train.weighting: 'by_size' is not one of examples, uniform"):
         Simulation(cfg)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    """A shipped config loads and passes validation; the only excuse is an optional package it
+    names (the llm extra's model or data), and that error must say how to install it."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as err:
+        assert "pip install" in str(err), str(err)
+        pytest.skip(str(err))
+    assert cfg.rounds >= 1 and cfg.task in ("classification", "causal_lm")
