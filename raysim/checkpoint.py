@@ -1,28 +1,45 @@
 """Checkpoints: everything a run needs to continue, written so that a crash never costs the last
 good one. No Ray here; :class:`raysim.Simulation` gathers the state and calls these functions.
 
-Layout: ``OUTPUT_DIR/checkpoints/round-000004/`` holds ``state.pkl`` (server, clients and their
-owners, privacy budget, metrics so far; sampling is drawn from (seed, round) and needs no state)
-and ``config.yaml`` (for people). A checkpoint is written into a hidden ``.partial-*`` directory
-and renamed into place only when complete; the newest complete ``round-*`` directory is the one
-to resume from. ``state.pkl`` is a pickle, like ``torch.load``'s default files: resume only from
-checkpoints you wrote.
+Layout: ``OUTPUT_DIR/checkpoints/round-000004/`` holds ``state.json`` (format, round, and the
+state: server, clients and their owners, privacy budget, metrics so far; sampling is drawn from
+(seed, round) and needs no state) with its arrays in ``arrays.npz`` (raysim.state_codec), and
+``config.yaml`` (for people). Reading one runs no code: JSON, and arrays loaded without pickle;
+its format and the state's shape are checked before anything is used. A checkpoint is written
+into a hidden ``.partial-*`` directory and renamed into place only when complete; the newest
+complete ``round-*`` directory is the one to resume from.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from raysim.config import ConfigError, UserError, flatten
+from raysim.state_codec import decode, encode
 
-FORMAT = 2  # 2: the server's state is the method protocol's ServerState
-STATE_FILE = "state.pkl"
+FORMAT = 3  # 3: JSON and npz (2, a pickle, is no longer read); 2: the server's state is the method protocol's ServerState
+STATE_FILE = "state.json"
+ARRAYS_FILE = "arrays.npz"
+LEGACY_FILE = "state.pkl"
+# The state's parts and their types, checked before a resume uses any of it.
+SCHEMA: dict[str, tuple[type, ...]] = {
+    "config": (dict,),
+    "server": (dict,),
+    "clients": (dict,),
+    "owners": (dict,),
+    "workers": (int,),
+    "budget": (dict,),
+    "rows": (list,),
+    "untuned": (dict, type(None)),
+}
 _PREFIX = "round-"
 
 # Keys a resumed run may change. Everything else defines the run (model, data, clients, method,
@@ -61,8 +78,14 @@ def write_checkpoint(run_dir: Path, round_idx: int, state: dict[str, Any], confi
     final, partial, stale = root / name, root / f".partial-{name}", root / f".stale-{name}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    with open(partial / STATE_FILE, "wb") as f:
-        pickle.dump({"format": FORMAT, "round": round_idx, **state}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    tree, arrays = encode(state)
+    with open(partial / ARRAYS_FILE, "wb") as f:
+        save_arrays: Any = np.savez  # numpy's stubs read **arrays as its allow_pickle flag
+        save_arrays(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(partial / STATE_FILE, "w") as f:
+        json.dump({"format": FORMAT, "round": round_idx, "state": tree}, f)
         f.flush()
         os.fsync(f.fileno())
     (partial / "config.yaml").write_text(config_yaml)
@@ -94,7 +117,8 @@ def _complete(root: Path) -> list[Path]:
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint to resume from: ``path`` itself, or the newest one of a run directory or of
-    its ``checkpoints/`` directory. UserError naming ``resume`` when there is none."""
+    its ``checkpoints/`` directory. UserError naming ``resume`` when there is none, or when there
+    are only checkpoints of an earlier format."""
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
@@ -104,18 +128,48 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             return found[-1]
     if not path.exists():
         raise UserError(f"resume: '{path}' does not exist")
+    legacy = [p for p in (path, *path.glob(f"*{_PREFIX}*"), *path.glob(f"checkpoints/{_PREFIX}*")) if (p / LEGACY_FILE).is_file()]
+    if legacy:
+        raise UserError(
+            f"resume: '{legacy[-1] / LEGACY_FILE}' is an earlier raysim's checkpoint (a pickle, which can run code when read); "
+            f"this version reads only {STATE_FILE} + {ARRAYS_FILE} (format {FORMAT}): start the run again"
+        )
     raise UserError(f"resume: no checkpoint in '{path}' (a run writes them with checkpoint.every=N)")
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The state written by :func:`write_checkpoint`, with ``format`` and ``round``. UserError
+    naming the file and what is wrong for a corrupt, foreign or other-format checkpoint."""
+    state_file, arrays_file = path / STATE_FILE, path / ARRAYS_FILE
     try:
-        with open(path / STATE_FILE, "rb") as f:
-            state = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as err:
-        raise UserError(f"resume: cannot read '{path / STATE_FILE}': {err}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"resume: '{path}' is not a raysim checkpoint of format {FORMAT}")
-    return state
+        saved = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"resume: cannot read '{state_file}': {err}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("format"), int):
+        raise UserError(f"resume: '{state_file}' is not a raysim checkpoint (no format number)")
+    if saved["format"] != FORMAT:
+        raise UserError(f"resume: '{state_file}' has format {saved['format']}; this raysim reads format {FORMAT}")
+    tree, round_idx = saved.get("state"), saved.get("round")
+    if not isinstance(round_idx, int) or round_idx < 0 or not isinstance(tree, dict):
+        raise UserError(f"resume: '{state_file}' lacks its round or its state")
+    try:
+        with np.load(arrays_file, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise UserError(f"resume: cannot read '{arrays_file}': {err}") from None
+    try:
+        state = decode(tree, arrays)
+    except ValueError as err:
+        raise UserError(f"resume: '{state_file}': {err}") from None
+    for key, types in SCHEMA.items():
+        if key not in state:
+            raise UserError(f"resume: '{state_file}' has no '{key}'")
+        if not isinstance(state[key], types):
+            raise UserError(f"resume: '{state_file}': '{key}' is a {type(state[key]).__name__}, not a {types[0].__name__}")
+    missing = [k for k in ("adapter", "frozen", "optimizer", "extra") if not isinstance(state["server"].get(k), dict)]
+    if missing:
+        raise UserError(f"resume: '{state_file}': the server's state lacks {', '.join(missing)}")
+    return {"format": FORMAT, "round": round_idx, **state}
 
 
 def check_resumable(saved: dict, cfg: DictConfig) -> None:

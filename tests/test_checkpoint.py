@@ -1,5 +1,6 @@
 """Checkpoint and resume: atomic writes, config checks, and a resumed run equal to an uninterrupted one."""
 
+import json
 import math
 import pickle
 
@@ -12,13 +13,15 @@ from omegaconf import OmegaConf
 from raysim import checkpoint as ckpt
 from raysim.cli import main
 from raysim.config import CONFIG_DIR, ConfigError, UserError, load_config
+from raysim.state_codec import decode, encode
 from raysim.training import ClientState, next_batch
 
 TIMINGS = {"train_s", "steps_s", "aggregate_s", "eval_s", "wall_s"}
 
 
 def _state(value):
-    return {"server": {"state": {"b": np.full(3, value)}}, "rows": [{"round": value}]}
+    server = {"adapter": {"b": np.full(3, value)}, "frozen": {}, "optimizer": {}, "extra": {}}
+    return {"config": {}, "server": server, "clients": {}, "owners": {}, "workers": 1, "budget": {}, "rows": [{"round": value}], "untuned": None}
 
 
 def test_checkpoints_are_kept_newest_first_and_found_from_the_run_directory(tmp_path):
@@ -33,19 +36,19 @@ def test_checkpoints_are_kept_newest_first_and_found_from_the_run_directory(tmp_
 def test_an_interrupted_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
     ckpt.write_checkpoint(tmp_path, 2, _state(2), "", keep=1)
 
-    def dies_halfway(obj, f, protocol=None):
-        f.write(pickle.dumps(obj)[:10])
+    def dies_halfway(obj, f):
+        f.write(json.dumps(obj)[:10])
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(ckpt.pickle, "dump", dies_halfway)
+        m.setattr(ckpt.json, "dump", dies_halfway)
         with pytest.raises(KeyboardInterrupt):
             ckpt.write_checkpoint(tmp_path, 3, _state(3), "", keep=1)
         with pytest.raises(KeyboardInterrupt):  # the same round again: the complete one must survive
             ckpt.write_checkpoint(tmp_path, 2, _state(99), "", keep=1)
     found = ckpt.find_checkpoint(tmp_path)
     assert found.name == "round-000002"
-    assert ckpt.read_checkpoint(found)["server"]["state"]["b"].tolist() == [2, 2, 2]
+    assert ckpt.read_checkpoint(found)["server"]["adapter"]["b"].tolist() == [2, 2, 2]
     # The next complete write replaces the partial one and prunes the old.
     ckpt.write_checkpoint(tmp_path, 3, _state(3), "", keep=1)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["round-000003"]
@@ -56,9 +59,65 @@ def test_missing_or_foreign_checkpoints_are_user_errors(tmp_path):
         ckpt.find_checkpoint(tmp_path / "nowhere")
     with pytest.raises(UserError, match="no checkpoint"):
         ckpt.find_checkpoint(tmp_path)
-    (tmp_path / ckpt.STATE_FILE).write_bytes(pickle.dumps({"something": "else"}))
+    (tmp_path / ckpt.STATE_FILE).write_text(json.dumps({"something": "else"}))
     with pytest.raises(UserError, match="not a raysim checkpoint"):
         ckpt.read_checkpoint(tmp_path)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('RAN').write_text('')",))
+
+
+def _written(tmp_path, round_idx=1):
+    return ckpt.write_checkpoint(tmp_path, round_idx, _state(round_idx), "", keep=5)
+
+
+def _rewrite_state(path, change):
+    saved = json.loads((path / ckpt.STATE_FILE).read_text())
+    change(saved)
+    (path / ckpt.STATE_FILE).write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: (p / ckpt.STATE_FILE).write_text('{"format": 3, "round": 1, "sta'), "cannot read .*state.json"),
+        (lambda p: _rewrite_state(p, lambda s: s.update(format=2)), "state.json' has format 2; this raysim reads format 3"),
+        (lambda p: _rewrite_state(p, lambda s: s["state"].pop("clients")), "state.json' has no 'clients'"),
+        (lambda p: _rewrite_state(p, lambda s: s["state"].update(rows={"a": 1})), "'rows' is a dict, not a list"),
+        (lambda p: _rewrite_state(p, lambda s: s["state"]["server"].pop("optimizer")), "server's state lacks optimizer"),
+        (lambda p: _rewrite_state(p, lambda s: s["state"]["server"]["adapter"].update(b={"__array__": "a9"})), "server.adapter.b: refers to an array 'a9'"),
+        (lambda p: (p / ckpt.ARRAYS_FILE).write_bytes(b"PK\x03\x04 cut"), "cannot read .*arrays.npz"),
+        (lambda p: np.savez(p / ckpt.ARRAYS_FILE, a0=np.array([_RunsCode()], dtype=object)), "cannot read .*arrays.npz"),
+    ],
+    ids=["truncated", "old-format", "missing-part", "wrong-type", "server-part", "missing-array", "corrupt-arrays", "object-array"],
+)
+def test_a_damaged_checkpoint_is_refused_naming_its_file_and_runs_no_code(tmp_path, monkeypatch, damage, message):
+    monkeypatch.chdir(tmp_path)
+    path = _written(tmp_path)
+    damage(path)
+    with pytest.raises(UserError, match=message):
+        ckpt.read_checkpoint(path)
+    assert not (tmp_path / "RAN").exists()
+
+
+def test_an_earlier_pickle_checkpoint_is_named_and_never_unpickled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "checkpoints" / "round-000002"
+    old.mkdir(parents=True)
+    (old / ckpt.LEGACY_FILE).write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(UserError, match=r"round-000002/state.pkl' is an earlier raysim's checkpoint \(a pickle"):
+        ckpt.find_checkpoint(tmp_path)
+    assert not (tmp_path / "RAN").exists()
+
+
+def test_a_checkpoint_holds_only_json_and_plain_arrays(tmp_path):
+    path = _written(tmp_path)
+    assert sorted(p.name for p in path.iterdir()) == ["arrays.npz", "config.yaml", "state.json"]
+    with np.load(path / ckpt.ARRAYS_FILE, allow_pickle=False) as npz:
+        assert [npz[n].tolist() for n in npz.files] == [[1, 1, 1]]
+    assert json.loads((path / ckpt.STATE_FILE).read_text())["state"]["server"]["adapter"]["b"] == {"__array__": "a0"}
 
 
 def test_a_resumed_run_keeps_the_keys_that_define_it(tmp_path):
@@ -80,7 +139,8 @@ def test_client_state_round_trips_through_plain_values():
     state.optimizer_state = {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 2)}}
     state.accountant = RDPAccountant()
     state.accountant.history = [(1.1, 0.2, 5)]
-    values = pickle.loads(pickle.dumps(state.to_dict()))
+    tree, arrays = encode(state.to_dict())
+    values = decode(json.loads(json.dumps(tree)), arrays)
     back = ClientState.from_dict(values, torch.device("cpu"), RDPAccountant)
     assert back.cursor == state.cursor and all(np.array_equal(a, b) for a, b in zip(back.batches, state.batches))
     assert torch.equal(back.optimizer_state[0]["exp_avg"], state.optimizer_state[0]["exp_avg"])
