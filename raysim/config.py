@@ -265,6 +265,9 @@ class WorkerConfig:
     num_gpus: float = 0.0
     # Ray restarts a dead worker this many times; its clients lose their local state.
     max_restarts: int = 1
+    # A worker gone for good (not restarted) is retired and its clients move to the others; the
+    # run stops after the round, with a checkpoint, when fewer than this many are left.
+    min_count: int = 1
     # Even out each round's clients over the workers, moving a few clients' local state between
     # them; false keeps every client on the worker it started on.
     rebalance: bool = True
@@ -445,6 +448,12 @@ def validate(cfg: DictConfig) -> None:
         "above 1 must be a whole number",
     )
     _check(cfg.worker.max_restarts >= 0, "worker.max_restarts", "must be >= 0")
+    _check(cfg.worker.min_count >= 1, "worker.min_count", "must be >= 1")
+    _check(
+        cfg.worker.count == "auto" or cfg.worker.min_count <= int(cfg.worker.count),
+        "worker.min_count",
+        f"must not exceed worker.count ({cfg.worker.count})",
+    )
     _check(cfg.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = no checkpoints)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

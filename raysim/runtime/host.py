@@ -136,6 +136,31 @@ class ClientHost(SecAggClients):
                     self._state(cid).method_state = method_state_to(values, self.device)
         return self.ready()
 
+    def adopt(self, privacy: LocalDPPlan | None, clients: list[int], *method_states: dict[int, dict]) -> int:
+        """Become the owner of ``clients`` of a worker that is gone for good, keeping the clients
+        this worker has: their local state starts over, except (from the driver's records) their
+        accountants' histories and their method state."""
+        if privacy:
+            self.histories.update(privacy.histories)
+        adopted = set(clients)
+        for cid in adopted:
+            self.states.pop(cid, None)
+        for states in method_states:
+            for cid, values in states.items():
+                if cid in adopted:
+                    self._state(cid).method_state = method_state_to(values, self.device)
+        return len(adopted)
+
+    def _shares(self, name: str, extra_shares: tuple[dict[str, pa.Table], ...]) -> list[tuple[ClientData, np.ndarray]]:
+        """This worker's slice of an evaluation set and the slices of workers gone for good that it
+        took over: (rows, their evaluation row numbers where the set has them)."""
+        shares = [(self.eval_sets[name], self.generate_rows)] if name in self.eval_sets else []
+        for tables in extra_shares:
+            if name in tables:
+                rows = tables[name].column(GENERATE_ROW).to_numpy() if GENERATE_ROW in tables[name].column_names else np.zeros(0, np.int64)
+                shares.append((_as_client_data(tables[name]), rows))
+        return shares
+
     def _state(self, cid: int) -> ClientState:
         if cid not in self.states:
             state = ClientState.new(self.cfg.seed, cid)
@@ -431,29 +456,34 @@ class ClientHost(SecAggClients):
                     state.optimizer_state = moments
                     yield cid, loss, values, seconds
 
-    def evaluate(self, global_state: dict, split: str) -> tuple[float, int, int]:
+    def evaluate(self, global_state: dict, split: str, *extra_shares: dict[str, pa.Table]) -> tuple[float, int, int]:
+        """(loss sum, correct, count) over this worker's slice of ``split`` and the ``extra_shares``
+        it took over from workers gone for good."""
         load_adapter(self.params, self._take(global_state))
-        data = self.eval_sets[split]
-        if len(data) == 0:
-            return 0.0, 0, 0
-        return evaluate(self.model, data, int(self.cfg.eval.batch_size), self.device)
+        totals = [0.0, 0, 0]
+        for data, _ in self._shares(split, extra_shares):
+            if len(data):
+                for i, value in enumerate(evaluate(self.model, data, int(self.cfg.eval.batch_size), self.device)):
+                    totals[i] += value
+        return totals[0], int(totals[1]), int(totals[2])
 
-    def generate(self, global_state: dict) -> list[tuple[int, str]]:
+    def generate(self, global_state: dict, *extra_shares: dict[str, pa.Table]) -> list[tuple[int, str]]:
         """task=causal_lm: (evaluation row, the global adapter's greedy answer) for this worker's
-        share of the rows scored by generation."""
+        share of the rows scored by generation (and the ``extra_shares`` it took over)."""
         from raysim.data.instructions import load_prompt_tokenizer
         from raysim.generation import greedy_answers
 
         load_adapter(self.params, self._take(global_state))
-        data = self.eval_sets.get("generate")
-        if data is None or len(data) == 0:
-            return []
         if self._tokenizer is None:
             self._tokenizer = load_prompt_tokenizer(self.cfg.model.name_or_path)
         tok = self._tokenizer
         e = self.cfg.eval
-        answers = greedy_answers(self.model, data, np.arange(len(data)), int(e.batch_size), int(e.max_new_tokens), tok.pad_token_id, tok.eos_token_id, self.device)
-        return [(int(self.generate_rows[i]), tok.hf.decode(ids, skip_special_tokens=True)) for i, ids in sorted(answers.items())]
+        out: list[tuple[int, str]] = []
+        for data, rows in self._shares("generate", extra_shares):
+            if len(data):
+                answers = greedy_answers(self.model, data, np.arange(len(data)), int(e.batch_size), int(e.max_new_tokens), tok.pad_token_id, tok.eos_token_id, self.device)
+                out.extend((int(rows[i]), tok.hf.decode(ids, skip_special_tokens=True)) for i, ids in sorted(answers.items()))
+        return out
 
     def adapter_files(self, global_state: dict) -> dict[str, bytes]:
         """The global adapter saved by PEFT, as file contents (the driver may be on another node).

@@ -27,15 +27,16 @@ def assign_clients(sizes: list[int], num_workers: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def balance(sampled: list[int], owner: dict[int, int], num_workers: int) -> tuple[dict[int, list[int]], list[tuple[int, int, int]]]:
-    """Split this round's clients over the workers as evenly as counts allow, moving as few as
-    possible: (clients per worker, moves as (client, from, to)). Deterministic in its inputs."""
-    by_owner: dict[int, list[int]] = {w: [] for w in range(num_workers)}
+def balance(sampled: list[int], owner: dict[int, int], workers: list[int]) -> tuple[dict[int, list[int]], list[tuple[int, int, int]]]:
+    """Split this round's clients over ``workers`` (the live ones, which own every client) as
+    evenly as counts allow, moving as few as possible: (clients per worker, moves as (client,
+    from, to)). Deterministic in its inputs."""
+    by_owner: dict[int, list[int]] = {w: [] for w in workers}
     for cid in sorted(sampled):
         by_owner[owner[cid]].append(cid)
-    base, extra = divmod(len(sampled), num_workers)
+    base, extra = divmod(len(sampled), len(workers))
     # The workers that already hold the most clients get the extra ones: fewer moves.
-    order = sorted(range(num_workers), key=lambda w: (-len(by_owner[w]), w))
+    order = sorted(workers, key=lambda w: (-len(by_owner[w]), w))
     quota = {w: base + (i < extra) for i, w in enumerate(order)}
     surplus = [(cid, w) for w in order for cid in by_owner[w][quota[w] :]]
     placed = {w: by_owner[w][: quota[w]] for w in order}

@@ -39,9 +39,9 @@ def read_resume(cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
 def save_checkpoint(sim: Simulation) -> Path:
     """Write everything needed to continue ``sim`` (see raysim.checkpoint); returns its directory."""
     clients: dict[int, dict] = {}
-    for w, worker in enumerate(sim.workers):
+    for w in sim.live:
         try:
-            clients.update(sim.backend.get(worker.export_states.remote()))
+            clients.update(sim.backend.get(sim.workers[w].export_states.remote()))
         except sim.backend.lost:
             log.warning("checkpoint: worker %d is unavailable; its clients' local state starts over on resume", w)
     state = {

@@ -27,7 +27,7 @@ def place(sim: Simulation, round_idx: int, sampled: list[int]) -> tuple[dict[int
         for c in sorted(sampled):
             by_worker.setdefault(sim.client_worker[c], []).append(c)
         return by_worker, {}
-    by_worker, moves = balance(sampled, sim.client_worker, len(sim.workers))
+    by_worker, moves = balance(sampled, sim.client_worker, sim.live)
     leaving: dict[int, list[int]] = {}
     for cid, source, _ in moves:
         leaving.setdefault(source, []).append(cid)
@@ -49,7 +49,7 @@ def place(sim: Simulation, round_idx: int, sampled: list[int]) -> tuple[dict[int
             arrivals.setdefault(target, []).append(ref)
         for cid in ids:
             sim.client_worker[cid] = destination[cid]
-    return {w: ids for w, ids in by_worker.items() if ids}, arrivals
+    return {w: ids for w, ids in by_worker.items() if ids and w in sim.live}, arrivals
 
 
 def gather(sim: Simulation, round_idx: int, calls: dict[int, tuple], by_worker: dict[int, list[int]], stage: str) -> dict[int, tuple]:

@@ -31,7 +31,7 @@ from raysim.config import ConfigError, UserError, from_dict, load_config, to_yam
 from raysim.methods import build as build_method
 from raysim.methods.common import BASE_LAYER
 from raysim.privacy.budget import BudgetExhausted
-from raysim.runtime import bootstrap, resume
+from raysim.runtime import bootstrap, pool, resume
 from raysim.runtime.backend import LocalBackend, RayBackend
 from raysim.runtime.messages import LocalDPPlan, TrainSettings
 from raysim.runtime.outputs import RunOutputs, check_output_dir, format_row, write_atomic
@@ -76,6 +76,8 @@ class Simulation:
         self.rows: list[dict[str, Any]] = []
         self.method_states: dict[int, Any] = {}  # client -> reference to its newest method state
         self.workers: list[Any] = []
+        self.live: list[int] = []
+        self.eval_shares: dict[int, list[int]] = {}
         self.server: Any = None
         self._owns_ray = self._started_ray = False
         self._checkpointed_round = -1
@@ -120,6 +122,8 @@ class Simulation:
                     saved["workers"],
                 )
             self._shards_ref, self._eval_refs = bootstrap.put_data(self, data, num_workers)
+            self.live = list(range(num_workers))  # workers not retired (raysim.runtime.pool)
+            self.eval_shares = {w: [w] for w in self.live}  # the evaluation slices each live worker scores
             ready = self.backend.get([worker.load.remote(*self._load_args(w)) for w, worker in enumerate(self.workers)])
             if self.method.needs_public_data and not saved:
                 tensors = self.backend.put(self.backend.get(self.workers[0].public_init.remote(data.public)))
@@ -241,8 +245,11 @@ class Simulation:
     def reload(self, w: int, timeout_s: float = 300.0) -> None:
         """After a worker died: wait until Ray has restarted it, then hand it its data again. Its
         clients start over with fresh optimizer moments and data order; their accountants and
-        method state come back."""
-        if self.cfg.worker.max_restarts == 0 or self.backend.name != "ray":
+        method state come back. A worker that does not come back is retired (raysim.runtime.pool)."""
+        if self.backend.name != "ray" or w not in self.live:
+            return
+        if self.cfg.worker.max_restarts == 0:
+            pool.retire(self, w)
             return
         from ray.exceptions import ActorUnavailableError
 
@@ -257,7 +264,7 @@ class Simulation:
                 time.sleep(0.5)
             except self.backend.lost:
                 break
-        log.warning("worker %d did not come back; its clients will count as dropped", w)
+        pool.retire(self, w)
 
     def set_train(self, **values: Any) -> None:
         """Change training hyperparameters between rounds, e.g. ``sim.set_train(lr=1e-4)``."""
@@ -358,6 +365,7 @@ class Simulation:
         self.outputs.write_tensorboard(row)
         if cfg.checkpoint.every and round_idx % cfg.checkpoint.every == 0:
             self.save_checkpoint()
+        pool.check_pool(self)
         return row
 
     def run(self, rounds: int | None = None, progress: bool = True) -> pa.Table:
@@ -388,9 +396,9 @@ class Simulation:
 
     def _evaluate(self, split: str) -> dict[str, float]:
         (global_ref,) = self.backend.get(self.server.adapter_ref.remote())
-        calls = [worker.evaluate.remote(global_ref, split) for worker in self.workers]  # all in parallel
+        calls = [(w, self.workers[w].evaluate.remote(global_ref, split, *self._extra_shares(w))) for w in self.live]  # all in parallel
         results = []
-        for w, call in enumerate(calls):
+        for w, call in calls:
             try:
                 results.append(self.backend.get(call))
             except self.backend.lost:
@@ -407,6 +415,10 @@ class Simulation:
             self._predictions = predictions
         return out
 
+    def _extra_shares(self, w: int) -> list[Any]:
+        """References to the evaluation slices worker ``w`` scores for workers gone for good."""
+        return [self._eval_refs[share] for share in self.eval_shares[w] if share != w]
+
     def _constant_answer_score(self) -> float:
         """The share of the scored rows whose reference answer is the most common one: what a
         model that learnt only the answers' prior (always "yes") scores."""
@@ -421,9 +433,9 @@ class Simulation:
         """The workers' greedy answers to the rows scored by generation, scored against the
         references (task=causal_lm)."""
         assert self.answers is not None
-        calls = [worker.generate.remote(global_ref) for worker in self.workers]
+        calls = [(w, self.workers[w].generate.remote(global_ref, *self._extra_shares(w))) for w in self.live]
         answered: list[tuple[int, str]] = []
-        for w, call in enumerate(calls):
+        for w, call in calls:
             try:
                 answered.extend(self.backend.get(call))
             except self.backend.lost:
@@ -463,9 +475,9 @@ class Simulation:
         """Write the global adapter as a PEFT adapter directory (default: output_dir/adapter)."""
         path = Path(path) if path is not None else self.output_dir / "adapter"
         (global_ref,) = self.backend.get(self.server.adapter_ref.remote())
-        for worker in self.workers:
+        for w in self.live:
             try:
-                files = self.backend.get(worker.adapter_files.remote(global_ref))
+                files = self.backend.get(self.workers[w].adapter_files.remote(global_ref))
                 break
             except self.backend.lost:
                 continue

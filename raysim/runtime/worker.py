@@ -65,11 +65,14 @@ class ClientWorker:
     def secagg_unmask(self, round_idx: int, senders: list[int]):
         return self.host.secagg_unmask(round_idx, senders)
 
-    def evaluate(self, global_state: dict, split: str):
-        return self.host.evaluate(global_state, split)
+    def adopt(self, *args):
+        return self.host.adopt(*args)
+
+    def evaluate(self, global_state: dict, split: str, *extra_shares):
+        return self.host.evaluate(global_state, split, *extra_shares)
 
     def adapter_files(self, global_state: dict) -> dict:
         return self.host.adapter_files(global_state)
 
-    def generate(self, global_state: dict) -> list:
-        return self.host.generate(global_state)
+    def generate(self, global_state: dict, *extra_shares) -> list:
+        return self.host.generate(global_state, *extra_shares)
