@@ -268,6 +268,10 @@ class WorkerConfig:
     # A worker gone for good (not restarted) is retired and its clients move to the others; the
     # run stops after the round, with a checkpoint, when fewer than this many are left.
     min_count: int = 1
+    # Seconds a round's stage (hand-over, training, each SecAgg step, evaluation) waits for a
+    # worker; one that does not answer is a straggler: its clients drop out of the round and it is
+    # restarted. 0 = wait as long as it takes.
+    round_timeout_s: float = 0.0
     # Even out each round's clients over the workers, moving a few clients' local state between
     # them; false keeps every client on the worker it started on.
     rebalance: bool = True
@@ -449,6 +453,7 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(cfg.worker.max_restarts >= 0, "worker.max_restarts", "must be >= 0")
     _check(cfg.worker.min_count >= 1, "worker.min_count", "must be >= 1")
+    _check(cfg.worker.round_timeout_s >= 0, "worker.round_timeout_s", "must be >= 0 (0 = no deadline)")
     _check(
         cfg.worker.count == "auto" or cfg.worker.min_count <= int(cfg.worker.count),
         "worker.min_count",

@@ -1,5 +1,6 @@
 """Faults on real Ray actors: what a user gets when a worker is gone for good."""
 
+import contextlib
 import os
 import signal
 
@@ -61,3 +62,27 @@ def test_below_the_minimum_pool_the_run_stops_with_a_checkpoint(tmp_path):
         with pytest.raises(UserError, match=r"^worker.min_count: 1 worker\(s\) left, fewer than 2; stopped after round 2 with a checkpoint"):
             sim.run_round()
     assert (tmp_path / "run" / "checkpoints" / "round-000002" / "state.json").is_file()
+
+
+@pytest.mark.parametrize("secagg", [False, True], ids=["plain", "secagg"])
+def test_a_hung_worker_is_a_straggler_dropped_for_the_round_and_restarted(tmp_path, secagg):
+    """SIGSTOP: alive to Ray but never answering. Without a deadline the round would wait forever.
+    Under SecAgg its clients are dropouts of the protocol, and the others' sum still unmasks."""
+    args = ["secagg.enabled=true", "secagg.threshold=2"] if secagg else []
+    cfg = tiny_config(tmp_path, "worker.round_timeout_s=20", "clients.per_round=8", "eval.max_examples=50", *args)
+    with Simulation(cfg) as sim:
+        sim.run_round()
+        pid = ray.get(sim.workers[0].ready.remote()).pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            hung = sim.run_round()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        assert hung["dropped"] > 0 and hung["clients"] + hung["dropped"] == 8
+        assert hung["wall_s"] >= 20
+        if secagg:
+            assert not hung["secagg_aborted"] and hung["clients"] > 0
+        after = sim.run_round()
+        assert (after["clients"], after["dropped"]) == (8, 0) and sim.live == [0, 1]
+        assert ray.get(sim.workers[0].ready.remote()).pid != pid

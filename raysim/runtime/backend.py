@@ -69,6 +69,7 @@ class LocalBackend:
 
     name = "local"
     lost: tuple[type[BaseException], ...] = (WorkerLost,)
+    timed_out: tuple[type[BaseException], ...] = ()  # a call here returns when it is done
 
     def __init__(self) -> None:
         self._threads: int | None = None  # torch's threads before the workers set theirs
@@ -76,7 +77,7 @@ class LocalBackend:
     def put(self, value: Any) -> Any:
         return LocalRef(value)
 
-    def get(self, refs: Any) -> Any:
+    def get(self, refs: Any, timeout: float | None = None) -> Any:
         if isinstance(refs, list):
             return [self.get(r) for r in refs]
         return _resolve(refs)
@@ -99,6 +100,9 @@ class LocalBackend:
     def kill(self, actor: Any) -> None:
         pass
 
+    def restart(self, actor: Any) -> None:
+        pass
+
     def close(self) -> None:
         """Give this process back the torch threads it had before the workers set theirs."""
         if self._threads is not None:
@@ -118,16 +122,17 @@ class RayBackend:
 
     def __init__(self) -> None:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         self._ray = ray
         self.lost: tuple[type[BaseException], ...] = (RayActorError,)
+        self.timed_out: tuple[type[BaseException], ...] = (GetTimeoutError,)
 
     def put(self, value: Any) -> Any:
         return self._ray.put(value)
 
-    def get(self, refs: Any) -> Any:
-        return self._ray.get(refs)
+    def get(self, refs: Any, timeout: float | None = None) -> Any:
+        return self._ray.get(refs, timeout=timeout)
 
     def actor(self, cls: type, *args: Any, **options: Any) -> Any:
         return self._ray.remote(cls).options(**options).remote(*args)
@@ -144,6 +149,10 @@ class RayBackend:
 
     def kill(self, actor: Any) -> None:
         self._ray.kill(actor, no_restart=True)
+
+    def restart(self, actor: Any) -> None:
+        """Kill a hung actor's process; Ray restarts it if its max_restarts allows."""
+        self._ray.kill(actor, no_restart=False)
 
     def close(self) -> None:
         pass

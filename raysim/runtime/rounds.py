@@ -38,12 +38,12 @@ def place(sim: Simulation, round_idx: int, sampled: list[int]) -> tuple[dict[int
         targets = sorted({destination[c] for c in ids})
         refs = sim.workers[source].hand_over.options(num_returns=len(targets) + 1).remote(ids, [[c for c in ids if destination[c] == t] for t in targets])
         try:
-            sim.backend.get(refs[0])  # the handed-over ids: raises if the source died
-        except sim.backend.lost as err:
-            log.warning("round %d: worker %d died handing over clients %s (%s); they count as dropped", round_idx, source, ids, type(err).__name__)
+            sim.backend.get(refs[0], timeout=sim.deadline_s())  # the handed-over ids: raises if the source died
+        except (*sim.backend.lost, *sim.backend.timed_out) as err:
+            log.warning("round %d: worker %d %s handing over clients %s; they count as dropped", round_idx, source, failure(sim, err), ids)
             for cid in ids:
                 by_worker[destination[cid]].remove(cid)
-            sim.reload(source)
+            sim.recover(source, err)
             continue
         for target, ref in zip(targets, refs[1:]):
             arrivals.setdefault(target, []).append(ref)
@@ -53,23 +53,27 @@ def place(sim: Simulation, round_idx: int, sampled: list[int]) -> tuple[dict[int
 
 
 def gather(sim: Simulation, round_idx: int, calls: dict[int, tuple], by_worker: dict[int, list[int]], stage: str) -> dict[int, tuple]:
-    """(small result, the other references) of each worker call that succeeded. A worker that died
-    is handed its data again once Ray has restarted it; its clients drop out of the round."""
+    """(small result, the other references) of each worker call that succeeded within the stage's
+    deadline (``worker.round_timeout_s``, one for all the stage's calls). A worker that died, or
+    did not answer in time (a straggler: it is restarted), is handed its data again once Ray has
+    restarted it, or retired; its clients drop out of the round."""
     done = {}
+    limit = sim.deadline_s()
+    deadline = None if limit is None else time.monotonic() + limit
     for w, (result_ref, *other_refs) in calls.items():
         try:
-            done[w] = (sim.backend.get(result_ref), *other_refs)
-        except sim.backend.lost as err:
-            log.warning(
-                "round %d: worker %d died during %s (%s); its %d clients count as dropped",
-                round_idx,
-                w,
-                stage,
-                type(err).__name__,
-                len(by_worker[w]),
-            )
-            sim.reload(w)
+            done[w] = (sim.backend.get(result_ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic())), *other_refs)
+        except (*sim.backend.lost, *sim.backend.timed_out) as err:
+            log.warning("round %d: worker %d %s during %s; its %d clients count as dropped", round_idx, w, failure(sim, err), stage, len(by_worker[w]))
+            sim.recover(w, err)
     return done
+
+
+def failure(sim: Simulation, err: BaseException) -> str:
+    """What happened to a worker, for a log line."""
+    if isinstance(err, sim.backend.timed_out):
+        return f"did not answer within worker.round_timeout_s={sim.cfg.worker.round_timeout_s:g}s (a straggler, restarted)"
+    return f"died ({type(err).__name__})"
 
 
 def plain_round(

@@ -36,7 +36,7 @@ from raysim.runtime.backend import LocalBackend, RayBackend
 from raysim.runtime.messages import LocalDPPlan, TrainSettings
 from raysim.runtime.outputs import RunOutputs, check_output_dir, format_row, write_atomic
 from raysim.runtime.placement import assign_clients
-from raysim.runtime.rounds import place, plain_round
+from raysim.runtime.rounds import failure, place, plain_round
 from raysim.runtime.secure_round import secure_round
 from raysim.runtime.server import Server
 from raysim.scoring import extract_answer, is_correct
@@ -266,6 +266,18 @@ class Simulation:
                 break
         pool.retire(self, w)
 
+    def deadline_s(self) -> float | None:
+        """How long a round's stage waits for a worker's answer (None: as long as it takes)."""
+        timeout = float(self.cfg.worker.round_timeout_s)
+        return timeout if timeout > 0 else None
+
+    def recover(self, w: int, err: BaseException) -> None:
+        """After worker ``w`` failed a call: a straggler (timed out) is killed for Ray to restart;
+        then, as for a worker that died, it is handed its data again or retired."""
+        if isinstance(err, self.backend.timed_out):
+            self.backend.restart(self.workers[w])
+        self.reload(w)
+
     def set_train(self, **values: Any) -> None:
         """Change training hyperparameters between rounds, e.g. ``sim.set_train(lr=1e-4)``."""
         for key in values:
@@ -397,12 +409,7 @@ class Simulation:
     def _evaluate(self, split: str) -> dict[str, float]:
         (global_ref,) = self.backend.get(self.server.adapter_ref.remote())
         calls = [(w, self.workers[w].evaluate.remote(global_ref, split, *self._extra_shares(w))) for w in self.live]  # all in parallel
-        results = []
-        for w, call in calls:
-            try:
-                results.append(self.backend.get(call))
-            except self.backend.lost:
-                log.warning("evaluation: worker %d is unavailable; its share of the %s set is skipped", w, split)
+        results = self._evaluation_answers(calls, f"the {split} set")
         loss, correct, n = (sum(r[i] for r in results) for i in range(3))
         out = {"eval_loss": loss / n if n else math.nan, "eval_accuracy": correct / n if n else math.nan, "eval_examples": n}
         if self.causal_lm:  # n counts response tokens; accuracy is the generated answers'
@@ -414,6 +421,21 @@ class Simulation:
             out["eval_examples"] = len(scored)
             self._predictions = predictions
         return out
+
+    def _evaluation_answers(self, calls: list[tuple[int, Any]], what: str) -> list[Any]:
+        """The answers of the workers' evaluation calls that came back within the deadline; a
+        worker that died or did not answer is recovered (restarted or retired) and its share of
+        ``what`` skipped this time, said in the log."""
+        limit = self.deadline_s()
+        deadline = None if limit is None else time.monotonic() + limit
+        answers = []
+        for w, call in calls:
+            try:
+                answers.append(self.backend.get(call, timeout=None if deadline is None else max(0.0, deadline - time.monotonic())))
+            except (*self.backend.lost, *self.backend.timed_out) as err:
+                log.warning("evaluation: worker %d %s; its share of %s is skipped", w, failure(self, err), what)
+                self.recover(w, err)
+        return answers
 
     def _extra_shares(self, w: int) -> list[Any]:
         """References to the evaluation slices worker ``w`` scores for workers gone for good."""
@@ -434,12 +456,7 @@ class Simulation:
         references (task=causal_lm)."""
         assert self.answers is not None
         calls = [(w, self.workers[w].generate.remote(global_ref, *self._extra_shares(w))) for w in self.live]
-        answered: list[tuple[int, str]] = []
-        for w, call in calls:
-            try:
-                answered.extend(self.backend.get(call))
-            except self.backend.lost:
-                log.warning("evaluation: worker %d is unavailable; its share of the generated answers is skipped", w)
+        answered = [pair for answers in self._evaluation_answers(calls, "the generated answers") for pair in answers]
         kind = self.cfg.eval.score
         return [
             {"row": row, "prediction": text, "reference": self.answers[row], "correct": is_correct(kind, text, self.answers[row])}
