@@ -3,7 +3,10 @@
 import contextlib
 import os
 import signal
+import threading
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 
@@ -86,3 +89,40 @@ def test_a_hung_worker_is_a_straggler_dropped_for_the_round_and_restarted(tmp_pa
         after = sim.run_round()
         assert (after["clients"], after["dropped"]) == (8, 0) and sim.live == [0, 1]
         assert ray.get(sim.workers[0].ready.remote()).pid != pid
+
+
+def _kill_server(sim):
+    os.kill(ray.get(sim.server.ping.remote()), signal.SIGKILL)
+
+
+def test_a_server_killed_between_rounds_costs_nothing(tmp_path):
+    """Rebuilt from the last round's state, the server gives the run an uninterrupted one gives."""
+    with Simulation(tiny_config(tmp_path / "whole", "server.momentum=0.5")) as sim:
+        whole = [sim.run_round() for _ in range(3)]
+        expected = sim.global_adapter()
+    with Simulation(tiny_config(tmp_path / "faulty", "server.momentum=0.5")) as sim:
+        faulty = [sim.run_round()]
+        _kill_server(sim)
+        faulty += [sim.run_round() for _ in range(2)]
+        got = sim.global_adapter()
+    assert [(r["round"], r["clients"], r["train_loss"], r["eval_accuracy"]) for r in faulty] == [
+        (r["round"], r["clients"], r["train_loss"], r["eval_accuracy"]) for r in whole
+    ]
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_server_killed_mid_round_costs_at_most_that_round(tmp_path):
+    cfg = tiny_config(tmp_path, "train.local_steps=60", "clients.per_round=8", "eval.max_examples=50")
+    with Simulation(cfg) as sim:
+        sim.run_round()
+        before = sim.global_adapter()
+        killer = threading.Timer(1.0, _kill_server, args=(sim,))
+        killer.start()
+        retried = sim.run_round()
+        killer.join()
+        assert retried["round"] == 2 and (retried["clients"], retried["dropped"]) == (8, 0)
+        moved = sim.global_adapter()
+        assert any(not np.array_equal(moved[k], before[k]) for k in before)
+        sim.set_train(local_steps=2)
+        assert sim.run_round()["clients"] == 8 and sim.round == 3
+    assert len(pq.read_table(tmp_path / "run" / "metrics.parquet")) == 3

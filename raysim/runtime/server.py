@@ -12,6 +12,7 @@ No Ray here: the object store's ``put`` is handed in.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -71,6 +72,10 @@ class Server:
         """Start from the adapter the workers built (same seed everywhere) and the tensors they keep frozen."""
         self.state = self.method.init_server(initial_state, frozen)
         self._broadcast = self._adapter_ref = None
+
+    def ping(self) -> int:
+        """Answers while the server lives: its process id."""
+        return os.getpid()
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to continue: the server state (global adapter, optimizer, method state)."""

@@ -31,7 +31,7 @@ from raysim.config import ConfigError, UserError, from_dict, load_config, to_yam
 from raysim.methods import build as build_method
 from raysim.methods.common import BASE_LAYER
 from raysim.privacy.budget import BudgetExhausted
-from raysim.runtime import bootstrap, pool, resume
+from raysim.runtime import bootstrap, pool, resume, server_guard
 from raysim.runtime.backend import LocalBackend, RayBackend
 from raysim.runtime.messages import LocalDPPlan, TrainSettings
 from raysim.runtime.outputs import RunOutputs, check_output_dir, format_row, write_atomic
@@ -79,6 +79,7 @@ class Simulation:
         self.live: list[int] = []
         self.eval_shares: dict[int, list[int]] = {}
         self.server: Any = None
+        self.server_snapshot: Any = None  # the server's state after the last round (raysim.runtime.server_guard)
         self._owns_ray = self._started_ray = False
         self._checkpointed_round = -1
         self.answers: list[str] | None = None
@@ -107,8 +108,8 @@ class Simulation:
             self.workers = [self.backend.worker(resolved, w, len(self.label_names)) for w in range(num_workers)]
             central_dp, secagg = bootstrap.server_settings(self.cfg, self.budget)
             self.secure = secagg is not None
-            server_args = (self.method, self.cfg.seed, self.cfg.clients.num, central_dp, secagg, self._sketch_columns(), self.backend.object_putter())
-            self.server = self.backend.actor(self.server_class, *server_args, num_cpus=0)
+            self.server_args = (self.method, self.cfg.seed, self.cfg.clients.num, central_dp, secagg, self._sketch_columns(), self.backend.object_putter())
+            self.server = self.backend.actor(self.server_class, *self.server_args, num_cpus=0)
             data = bootstrap.tokenize_checked(self, tokenizer, plan)
             self.answers = data.answers  # task=causal_lm: the evaluation rows' reference responses
             # Each client's owner: the worker holding its local state (see raysim.runtime.placement).
@@ -141,6 +142,7 @@ class Simulation:
             frozen = self.backend.get(self.server.frozen_state.remote())
             self._frozen_ref = self.backend.put(frozen)  # a restarted worker installs them again
             self.backend.get([worker.install.remote(self._frozen_ref) for worker in self.workers])
+            server_guard.snapshot(self)
         except Exception as err:  # nothing of Ray's is left behind, whatever failed
             self.shutdown()
             user_error = bootstrap.user_error_in(err)
@@ -303,8 +305,24 @@ class Simulation:
 
     def run_round(self) -> dict[str, Any]:
         """One round: sample, broadcast, train on the workers in parallel, aggregate, evaluate.
+        A round in which the server actor died runs again on a server rebuilt from the last
+        round's state (raysim.runtime.server_guard); a second death in the round stops the run.
 
         Raises BudgetExhausted, before doing anything, when no round fits the privacy budget."""
+        try:
+            return self._run_round_once()
+        except server_guard.failures(self):
+            if not server_guard.server_is_gone(self):
+                raise
+        server_guard.rebuild(self, self.round + 1)
+        try:
+            return self._run_round_once()
+        except server_guard.failures(self) as err:
+            if not server_guard.server_is_gone(self):
+                raise
+            raise UserError(f"server: died twice in round {self.round + 1} ({type(err).__name__}); resume=OUTPUT_DIR continues from the last checkpoint") from None
+
+    def _run_round_once(self) -> dict[str, Any]:
         cfg, get = self.cfg, self.backend.get
         round_idx = self.round + 1
         self.budget.check_next_round(cfg.clients.num)
@@ -375,6 +393,7 @@ class Simulation:
         self.rows.append(row)
         self._write_metrics()
         self.outputs.write_tensorboard(row)
+        server_guard.snapshot(self)
         if cfg.checkpoint.every and round_idx % cfg.checkpoint.every == 0:
             self.save_checkpoint()
         pool.check_pool(self)
