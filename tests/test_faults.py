@@ -72,9 +72,10 @@ def test_a_hung_worker_is_a_straggler_dropped_for_the_round_and_restarted(tmp_pa
     """SIGSTOP: alive to Ray but never answering. Without a deadline the round would wait forever.
     Under SecAgg its clients are dropouts of the protocol, and the others' sum still unmasks."""
     args = ["secagg.enabled=true", "secagg.threshold=2"] if secagg else []
-    cfg = tiny_config(tmp_path, "worker.round_timeout_s=20", "clients.per_round=8", "eval.max_examples=50", *args)
+    cfg = tiny_config(tmp_path, "clients.per_round=8", "eval.max_examples=50", *args)
     with Simulation(cfg) as sim:
         sim.run_round()
+        sim.cfg.worker.round_timeout_s = 8.0  # after the first round's one-off costs; read each round
         pid = ray.get(sim.workers[0].ready.remote()).pid
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -83,7 +84,7 @@ def test_a_hung_worker_is_a_straggler_dropped_for_the_round_and_restarted(tmp_pa
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         assert hung["dropped"] > 0 and hung["clients"] + hung["dropped"] == 8
-        assert hung["wall_s"] >= 20
+        assert hung["wall_s"] >= 8
         if secagg:
             assert not hung["secagg_aborted"] and hung["clients"] > 0
         after = sim.run_round()
