@@ -180,6 +180,10 @@ def test_local_budget_excludes_exhausted_clients_and_reports_the_largest_epsilon
                                  1: ClientPrivacy([(1.0, 0.1, 5)], epsilon=1.0, exhausted=False, trained=True)})
     assert newly == [0] and budget.exhausted == {0} and budget.epsilon == 2.5
     assert [r["steps"] for r in budget.client_rows(8)] == [5, 5]
+    # The rates come from the histories, not from the batch size asked now (16 would give 0.4, 0.2).
+    assert [(r["sample_rate"], r["sample_rates"]) for r in budget.client_rows(16)] == [(0.2, [0.2]), (0.1, [0.1])]
+    budget.record_round({1: ClientPrivacy([(1.0, 0.1, 5), (1.0, 0.2, 5)], epsilon=1.2, exhausted=False, trained=True)})
+    assert budget.client_rows(16)[1]["sample_rates"] == [0.1, 0.2] and budget.client_rows(16)[1]["sample_rate"] == 0.2
     budget.record_round({1: ClientPrivacy([(1.0, 0.1, 10)], epsilon=1.5, exhausted=True, trained=True)})
     with pytest.raises(BudgetExhausted):
         budget.check_next_round(2)

@@ -126,19 +126,27 @@ class PrivacyBudget:
         return math.inf
 
     def client_rows(self, batch_size: int) -> list[dict[str, Any]]:
-        """Local DP: one row per client (its noise, steps taken and epsilon spent)."""
-        return [
-            {
-                "client": cid,
-                "examples": n,
-                "sample_rate": sample_rate(n, batch_size),
-                "noise_multiplier": self.noise[cid],
-                "steps": sum(h[2] for h in self.histories.get(cid, [])),
-                "epsilon": self.client_epsilon.get(cid, 0.0),
-                "exhausted": cid in self.exhausted,
-            }
-            for cid, n in enumerate(self.client_sizes)
-        ]
+        """Local DP: one row per client: its noise, steps taken, epsilon spent, and the sampling
+        rates its accountant's history used (``sample_rate``: the latest; for a client not yet
+        trained, the rate ``batch_size`` gives), which differ where the batch size changed
+        between rounds."""
+        rows = []
+        for cid, n in enumerate(self.client_sizes):
+            history = self.histories.get(cid, [])
+            rates = list(dict.fromkeys(float(h[1]) for h in history))
+            rows.append(
+                {
+                    "client": cid,
+                    "examples": n,
+                    "sample_rate": rates[-1] if rates else sample_rate(n, batch_size),
+                    "sample_rates": rates,
+                    "noise_multiplier": self.noise[cid],
+                    "steps": sum(h[2] for h in history),
+                    "epsilon": self.client_epsilon.get(cid, 0.0),
+                    "exhausted": cid in self.exhausted,
+                }
+            )
+        return rows
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode}
