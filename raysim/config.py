@@ -336,15 +336,30 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
     try:
-        cfg = OmegaConf.structured(RaysimConfig)
-        cfg = cast(DictConfig, OmegaConf.merge(cfg, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides))))
+        cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(RaysimConfig), OmegaConf.load(path)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    except Exception as err:  # YAML syntax errors and the like
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+    for item in overrides:  # one at a time, so that an error names the override's key
+        key, value = item.split("=", 1)
+        try:
+            override = OmegaConf.from_dotlist([item])
+        except Exception as err:  # YAML's errors on the value
+            raise ConfigError(f"{key}: cannot read the value {value!r} ({str(err).splitlines()[0]}); quote it for a string") from None
+        try:
+            cfg = cast(DictConfig, OmegaConf.merge(cfg, override))
+        except OmegaConfBaseException as err:
+            message = _one_line(err)
+            raise ConfigError(message if getattr(err, "full_key", None) else f"{key}: {message}") from None
+        except (TypeError, ValueError) as err:  # e.g. a mapping given where a list goes
+            raise ConfigError(f"{key}: {str(err).splitlines()[0]} ({value!r})") from None
+    try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     except ConfigError:
         raise
-    except Exception as err:  # YAML syntax errors and the like
-        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
     if not cfg.output_dir and not cfg.resume:
         cfg.output_dir = f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     validate(cfg)
