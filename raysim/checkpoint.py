@@ -77,19 +77,12 @@ def write_checkpoint(run_dir: Path, round_idx: int, state: dict[str, Any], confi
     name = f"{_PREFIX}{round_idx:06d}"
     final, partial, stale = root / name, root / f".partial-{name}", root / f".stale-{name}"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     tree, arrays = encode(state)
-    with open(partial / ARRAYS_FILE, "wb") as f:
-        save_arrays: Any = np.savez  # numpy's stubs read **arrays as its allow_pickle flag
-        save_arrays(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    with open(partial / STATE_FILE, "w") as f:
-        json.dump({"format": FORMAT, "round": round_idx, "state": tree}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    (partial / "config.yaml").write_text(config_yaml)
-    _fsync_dir(partial)
+    try:
+        _write_partial(partial, round_idx, tree, arrays, config_yaml)
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"checkpoint: cannot write '{partial}' ({err.strerror or err}); the last complete checkpoint is intact") from None
     if final.exists():  # the same round again (a resumed run): set the old one aside until the new one is in place
         shutil.rmtree(stale, ignore_errors=True)
         os.replace(final, stale)
@@ -101,6 +94,21 @@ def write_checkpoint(run_dir: Path, round_idx: int, state: dict[str, Any], confi
     for old in _complete(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_partial(partial: Path, round_idx: int, tree: Any, arrays: dict[str, np.ndarray], config_yaml: str) -> None:
+    partial.mkdir(parents=True)
+    with open(partial / ARRAYS_FILE, "wb") as f:
+        save_arrays: Any = np.savez  # numpy's stubs read **arrays as its allow_pickle flag
+        save_arrays(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(partial / STATE_FILE, "w") as f:
+        json.dump({"format": FORMAT, "round": round_idx, "state": tree}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    (partial / "config.yaml").write_text(config_yaml)
+    _fsync_dir(partial)
 
 
 def _complete(root: Path) -> list[Path]:

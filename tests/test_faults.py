@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from raysim import Simulation, UserError
+from raysim.config import CONFIG_DIR
 
 from conftest import round_killing_a_worker, tiny_config
 
@@ -127,3 +128,26 @@ def test_a_server_killed_mid_round_costs_at_most_that_round(tmp_path):
         sim.set_train(local_steps=2)
         assert sim.run_round()["clients"] == 8 and sim.round == 3
     assert len(pq.read_table(tmp_path / "run" / "metrics.parquet")) == 3
+
+
+def test_a_full_disk_between_rounds_exits_2_and_keeps_the_metrics_written(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from raysim.cli import main
+    from raysim.runtime import outputs
+
+    real, calls = outputs.pq.write_table, []
+
+    def fills_up(table, where, *args, **kwargs):
+        calls.append(where)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.pq, "write_table", fills_up)
+    out = tmp_path / "run"
+    assert main(["run", str(CONFIG_DIR / "tiny.yaml"), "runtime=local", "rounds=3", "eval.max_examples=20", f"output_dir={out}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("raysim: error: output_dir: cannot write") and "No space left on device" in err and "metrics.parquet" in err
+    assert pq.read_table(out / "metrics.parquet").column("round").to_pylist() == [1]
+    assert not list(out.glob(".*.tmp"))

@@ -3,6 +3,7 @@ summary.json and the adapter's files, each written so that a crash never leaves 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,10 +23,17 @@ log = logging.getLogger("raysim")
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    """Write through a temporary file and rename, so a crash never leaves a half-written file. A
+    write that fails (a full disk, a directory made read-only) is a UserError naming the file; the
+    previous version of the file is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"output_dir: cannot write '{path}' ({err.strerror or err}); the files written before are intact") from None
 
 
 def check_output_dir(cfg: DictConfig, resumed_run: Path | None) -> Path:
