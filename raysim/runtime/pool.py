@@ -28,9 +28,12 @@ def retire(sim: Simulation, w: int) -> None:
     if not sim.live:
         raise UserError(f"worker pool: worker {w}, the last one, is gone for good; resume=OUTPUT_DIR continues from the last checkpoint")
     moved: dict[int, list[int]] = {}
-    for cid in sorted(c for c, owner in sim.client_worker.items() if owner == w):
-        target = min(sim.live, key=lambda v: (len(sim.worker_clients[v]), v))
+    owned = sim.worker_clients
+    counts = {v: len(owned[v]) for v in sim.live}
+    for cid in owned[w]:
+        target = min(sim.live, key=lambda v: (counts[v], v))
         sim.client_worker[cid] = target
+        counts[target] += 1
         moved.setdefault(target, []).append(cid)
     for share in sim.eval_shares.pop(w):
         target = min(sim.live, key=lambda v: (len(sim.eval_shares[v]), v))
