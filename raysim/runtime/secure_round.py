@@ -50,8 +50,8 @@ def secure_round(
         server_report = get(server.secagg_aggregate.remote(round_idx, *(ref for _, ref in revealed.values())))
         aborted, aggregated = "", len(senders)
     except SecAggAborted as reason:
-        # Raised in the server actor, it arrives wrapped by Ray: keep the message only.
-        aborted, aggregated = str(reason).strip().splitlines()[-1].split("SecAggAborted: ")[-1], 0
+        # Raised in the server actor, it arrives as Ray's task error, which carries it as its cause.
+        aborted, aggregated = str(getattr(reason, "cause", None) or reason), 0
         log.warning("round %d: secure aggregation aborted (%s); the global adapter is unchanged", round_idx, aborted)
         server_report = ServerReport(aggregation_error=math.nan, uplink_bytes=get(server.secagg_abort.remote(round_idx)))
     sent_values = sum(len(r.clients) for r in reports) * sim.sent_values_per_client

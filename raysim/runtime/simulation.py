@@ -125,6 +125,7 @@ class Simulation:
             self._shards_ref, self._eval_refs = bootstrap.put_data(self, data, num_workers)
             self.live = list(range(num_workers))  # workers not retired (raysim.runtime.pool)
             self.eval_shares = {w: [w] for w in self.live}  # the evaluation slices each live worker scores
+            self.backend.started()
             ready = self.backend.get([worker.load.remote(*self._load_args(w)) for w, worker in enumerate(self.workers)])
             if self.method.needs_public_data and not saved:
                 tensors = self.backend.put(self.backend.get(self.workers[0].public_init.remote(data.public)))

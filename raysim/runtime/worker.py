@@ -1,11 +1,16 @@
 """ClientWorker: the Ray actor that hosts many virtual clients around one resident model.
 
-The work is :class:`raysim.runtime.host.ClientHost`'s, built when the actor starts. The driver
-creates these actors but never runs their code, so this module imports neither torch nor
+The work is :class:`raysim.runtime.host.ClientHost`'s, built by the actor's first call (the
+driver calls ``start`` as soon as it creates the actor), not by its constructor: Ray passes an
+exception from an actor's constructor on only as text, and one from a call as itself, so a
+UserError (a wrong target module, a model that cannot load) reaches the driver typed. The
+driver creates these actors but never runs their code, so this module imports neither torch nor
 transformers: the driver's start-up then leaves the CPUs to the workers' own imports.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import ray
 
@@ -19,9 +24,22 @@ def actor_device() -> str:
 @ray.remote
 class ClientWorker:
     def __init__(self, cfg: dict, index: int, num_labels: int):
-        from raysim.runtime.host import ClientHost
+        self._args = (cfg, index, num_labels)
+        self._host: Any = None  # a ClientHost (this module does not import it: see above)
 
-        self.host = ClientHost(cfg, index, num_labels, actor_device(), threads=int(cfg["worker"]["num_cpus"]))
+    @property
+    def host(self):
+        """The ClientHost, built on first use (again after Ray restarts the actor)."""
+        if self._host is None:
+            from raysim.runtime.host import ClientHost
+
+            cfg, index, num_labels = self._args
+            self._host = ClientHost(cfg, index, num_labels, actor_device(), threads=int(cfg["worker"]["num_cpus"]))
+        return self._host
+
+    def start(self) -> None:
+        """Build the host now, while the driver prepares the data."""
+        self.host  # noqa: B018 - the property builds it
 
     def load(self, *args):
         return self.host.load(*args)
