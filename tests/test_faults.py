@@ -3,15 +3,22 @@
 import contextlib
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+import uuid
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray
 
 from raysim import Simulation, UserError
 from raysim.config import CONFIG_DIR
+from raysim.runtime.placement import balance
 
 from conftest import round_killing_a_worker, tiny_config
 
@@ -21,6 +28,8 @@ LONG = [
     pytest.mark.long,
     pytest.mark.skipif(not os.environ.get("RAYSIM_LONG"), reason="a variant of a fault tested in the default suite, about 40 s; set RAYSIM_LONG=1"),
 ]
+# The stage cases the default suite runs; the others run with RAYSIM_LONG=1.
+DEFAULT_STAGE_CASES = {(False, "hand_over", False), (True, "secagg_share_keys", True)}
 DP = ["privacy.mode=local_dp_sgd", "privacy.noise_multiplier=1.0", "privacy.max_grad_norm=1.0"]
 
 
@@ -99,6 +108,81 @@ def test_a_hung_worker_is_a_straggler_dropped_for_the_round_and_restarted(tmp_pa
         assert ray.get(sim.workers[0].ready.remote()).pid != pid
 
 
+class _DiesInStage:
+    """A worker's actor handle whose first call of ``method`` is sent and then the worker's process
+    SIGKILLed: the worker dies in that stage of the round (its call queued or running)."""
+
+    def __init__(self, handle, method: str):
+        self._handle, self._method, self.fired = handle, method, False
+        self._pid = ray.get(handle.ready.remote()).pid
+
+    def __getattr__(self, name):
+        call = getattr(self._handle, name)
+        return call if name != self._method or self.fired else _SendThenKill(self, call)
+
+
+class _SendThenKill:
+    def __init__(self, proxy: _DiesInStage, call):
+        self._proxy, self._call = proxy, call
+
+    def options(self, **options):
+        return _SendThenKill(self._proxy, self._call.options(**options))
+
+    def remote(self, *args, **kwargs):
+        refs = self._call.remote(*args, **kwargs)
+        os.kill(self._proxy._pid, signal.SIGKILL)
+        self._proxy.fired = True
+        return refs
+
+
+PLAIN_STAGES = ["hand_over", "train_clients", "evaluate"]
+SECAGG_STAGES = ["secagg_advertise", "secagg_share_keys", "train_clients", "secagg_unmask"]
+STAGE_CASES = [
+    pytest.param(secure, stage, restartable, id=f"{'secagg' if secure else 'plain'}-{stage}-{'restartable' if restartable else 'permanent'}",
+                 marks=[] if (secure, stage, restartable) in DEFAULT_STAGE_CASES else LONG)
+    for secure, stages in ((False, PLAIN_STAGES), (True, SECAGG_STAGES))
+    for stage in stages
+    for restartable in (True, False)
+]
+
+
+@pytest.mark.parametrize("secure, stage, restartable", STAGE_CASES)
+def test_a_worker_killed_in_any_stage_costs_at_most_its_clients_in_that_round(tmp_path, secure, stage, restartable):
+    """Each stage of a plaintext and of a SecAgg round, with a worker Ray restarts and with one
+    gone for good: the round completes without the dead worker's clients (or, past the inputs,
+    with them), the next round is whole, and a permanent loss leaves a pool of one."""
+    args = ["secagg.enabled=true", "secagg.threshold=2"] if secure else []
+    restarts = [] if restartable else ["worker.max_restarts=0"]
+    cfg = tiny_config(tmp_path, "clients.per_round=6", "train.local_steps=2", "eval.max_examples=50", *args, *restarts)
+    with Simulation(cfg) as sim:
+        sim.run_round()
+        w = 0
+        if stage == "hand_over":  # the worker that hands a client over in round 2
+            sampled = ray.get(sim.server.sample.remote(2, 6))
+            _, moves = balance(sampled, sim.client_worker, sim.live)
+            assert moves, "round 2 moves no client: pick another clients.per_round"
+            w = moves[0][1]
+        real = sim.workers[w]
+        dying = sim.workers[w] = _DiesInStage(real, stage)
+        try:
+            hit = sim.run_round()
+        finally:
+            sim.workers[w] = real
+        assert dying.fired, f"round 2 made no {stage} call on worker {w}"
+        assert hit["clients"] + hit["dropped"] == 6 and hit["clients"] > 0
+        if stage in ("evaluate", "secagg_unmask"):  # the inputs were in: the sum holds every client
+            assert hit["dropped"] == 0
+        else:
+            assert hit["dropped"] > 0
+        if secure:
+            assert not hit["secagg_aborted"]
+        after = sim.run_round()
+        assert (after["clients"], after["dropped"]) == (6, 0)
+        assert sim.live == ([0, 1] if restartable else [1 - w])
+        every_row = sum(ray.get(sim._eval_refs[w])["subset"].num_rows for w in range(2))
+        assert sim._evaluate("subset")["eval_examples"] == every_row
+
+
 def _kill_server(sim):
     os.kill(ray.get(sim.server.ping.remote()), signal.SIGKILL)
 
@@ -159,3 +243,70 @@ def test_a_full_disk_between_rounds_exits_2_and_keeps_the_metrics_written(tmp_pa
     assert err.startswith("raysim: error: output_dir: cannot write") and "No space left on device" in err and "metrics.parquet" in err
     assert pq.read_table(out / "metrics.parquet").column("round").to_pylist() == [1]
     assert not list(out.glob(".*.tmp"))
+
+
+# `raysim run` whose checkpoint write at round 2 is cut off by a SIGKILL: half of the arrays file
+# is on disk, nothing else of that checkpoint, and no Python code runs after it.
+_DIES_WRITING_ROUND_2 = """
+import io, os, signal, sys
+import numpy as np
+import raysim.checkpoint as checkpoint
+from raysim.cli import main
+write = checkpoint._write_partial
+def dies_midway(partial, round_idx, tree, arrays, config_yaml):
+    if round_idx < 2:
+        return write(partial, round_idx, tree, arrays, config_yaml)
+    partial.mkdir(parents=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    (partial / checkpoint.ARRAYS_FILE).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint._write_partial = dies_midway
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _tagged(tag: str) -> list[psutil.Process]:
+    """Processes whose environment carries ``tag``: the run's and every Ray process it started."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("RAYSIM_TEST_TAG") == tag:
+                found.append(proc)
+    return found
+
+
+def _no_process_left(tag: str, within_s: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + within_s
+    while (left := _tagged(tag)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return [" ".join(p.cmdline()[:2]) for p in left]
+
+
+def test_raysim_run_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
+    """A real SIGKILL of the driver: the half-written checkpoint is never used, the run resumes
+    from the last complete one to what an uninterrupted run gives, and no Ray process outlives
+    either run (Ray's own processes follow a driver that dies)."""
+    settings = ["rounds=3", "checkpoint.every=1", "eval.max_examples=50"]
+    with Simulation(tiny_config(tmp_path / "whole", *settings)) as sim:
+        whole = [sim.run_round() for _ in range(3)]
+    out = tmp_path / "run"
+    tag = uuid.uuid4().hex
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "RAYSIM_TEST_TAG": tag, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    run = [str(CONFIG_DIR / "tiny.yaml"), *settings, f"output_dir={out}"]
+    killed = subprocess.run([sys.executable, "-c", _DIES_WRITING_ROUND_2, "run", *run], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == [".partial-round-000002", "round-000001"]
+    assert _no_process_left(tag) == []
+    resumed = subprocess.run([sys.executable, "-m", "raysim", "run", *run, f"resume={out}"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at round 1" in resumed.stderr
+    assert _no_process_left(tag) == []
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [(m["round"], m["clients"], m["train_loss"], m["eval_accuracy"]) for m in metrics] == [
+        (r["round"], r["clients"], r["train_loss"], r["eval_accuracy"]) for r in whole
+    ]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-000002", "round-000003"]
