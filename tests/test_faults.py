@@ -183,6 +183,22 @@ def test_a_worker_killed_in_any_stage_costs_at_most_its_clients_in_that_round(tm
         assert sim._evaluate("subset")["eval_examples"] == every_row
 
 
+def test_a_start_up_that_fails_unexpectedly_leaves_no_actor_behind(tmp_path, monkeypatch):
+    """Not a UserError: the workers and the server still go, and their CPUs come back."""
+    from raysim.runtime import bootstrap
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure while putting the data")
+
+    monkeypatch.setattr(bootstrap, "put_data", broken)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        Simulation(tiny_config(tmp_path))
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
 def _kill_server(sim):
     os.kill(ray.get(sim.server.ping.remote()), signal.SIGKILL)
 
@@ -222,25 +238,28 @@ def test_a_server_killed_mid_round_costs_at_most_that_round(tmp_path):
     assert len(pq.read_table(tmp_path / "run" / "metrics.parquet")) == 3
 
 
-def test_a_full_disk_between_rounds_exits_2_and_keeps_the_metrics_written(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS"], ids=["full-disk", "read-only"])
+def test_a_full_or_read_only_disk_between_rounds_exits_2_and_keeps_the_metrics_written(tmp_path, capsys, monkeypatch, code):
+    """The failure comes from the write itself: this process runs as root in CI, which a
+    read-only directory's permissions would not stop."""
     import errno
 
     from raysim.cli import main
     from raysim.runtime import outputs
 
-    real, calls = outputs.pq.write_table, []
+    real, calls, number = outputs.pq.write_table, [], getattr(errno, code)
 
-    def fills_up(table, where, *args, **kwargs):
+    def fails(table, where, *args, **kwargs):
         calls.append(where)
         if len(calls) > 1:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(number, os.strerror(number))
         return real(table, where, *args, **kwargs)
 
-    monkeypatch.setattr(outputs.pq, "write_table", fills_up)
+    monkeypatch.setattr(outputs.pq, "write_table", fails)
     out = tmp_path / "run"
     assert main(["run", str(CONFIG_DIR / "tiny.yaml"), "runtime=local", "rounds=3", "eval.max_examples=20", f"output_dir={out}", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("raysim: error: output_dir: cannot write") and "No space left on device" in err and "metrics.parquet" in err
+    assert err.startswith("raysim: error: output_dir: cannot write") and os.strerror(number) in err and "metrics.parquet" in err
     assert pq.read_table(out / "metrics.parquet").column("round").to_pylist() == [1]
     assert not list(out.glob(".*.tmp"))
 
