@@ -1,6 +1,7 @@
 """Memory and start-up against the number of clients.
 
     python benchmarks/scale.py --clients 100 1000 5000 --json FILE
+    python benchmarks/scale.py --clients 1000 10000 100000 --per-round 50 --per-round 500 --json FILE
     python benchmarks/scale.py --config configs/llm.yaml --clients 20 200 --json FILE train.batch_size=1
 
 For each N: configs/tiny.yaml over all ~30k training tweets (iid, length 64), N clients, one round
@@ -11,7 +12,11 @@ own local Ray (2 CPUs, no dashboard), sampled every 0.2 s:
   store's, split among the processes mapping them) of the driver and all its descendants (Ray's
   GCS, raylet, workers and server actor);
 - steady memory: the same sum after the round;
-- start-up: from Simulation() to ready, Ray's own start (ray.init) reported apart.
+- start-up: from Simulation() to ready, Ray's own start (ray.init) reported apart;
+- with ``--per-round K ...``: then the median wall time of 3 rounds of K sampled clients each.
+Every client needs at least one training row, and the tweets have ~30k: past 25,000 clients the
+data is the tweets file repeated (copies, tiled into a temporary parquet file), which changes the
+work of none of the measured steps.
 Memory per extra client is the steady memory's slope between the smallest and largest N; it is
 compared with the bound 2 x (adapter + optimizer state) + the client's shard. ``--config`` takes
 another config's model and data (SmolLM2 on BoolQ: one resident 135M-parameter model per worker),
@@ -53,8 +58,30 @@ def tree_pss() -> int:
     return total
 
 
-def one(clients: int, config: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    """Runs in its own process: start-up, one round of every client, memory samples."""
+TWEETS_FOR_CLIENTS = 25_000  # clients the tweets' ~30k training rows give one row or more each
+ROUNDS_PER_SIZE = 3
+
+
+def tiled_tweets(clients: int, folder: str) -> list[str]:
+    """The override that gives ``clients`` clients a row each: none up to TWEETS_FOR_CLIENTS,
+    else data.path to the tweets repeated as often as needed."""
+    if clients <= TWEETS_FOR_CLIENTS:
+        return []
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysim.config import tweets_path
+    from raysim.data.loading import read_table
+
+    copies = -(-clients // TWEETS_FOR_CLIENTS)
+    path = Path(folder) / f"tweets-x{copies}.parquet"
+    pq.write_table(pa.concat_tables([read_table(tweets_path())] * copies), path)
+    return [f"data.path={path}"]
+
+
+def one(clients: int, config: str | None = None, overrides: tuple[str, ...] = (), per_round: tuple[int, ...] = ()) -> dict:
+    """Runs in its own process: start-up, one round of every client, memory samples; then
+    ROUNDS_PER_SIZE rounds of each of ``per_round`` sampled clients."""
     import ray
 
     from raysim import Simulation, load_config
@@ -71,7 +98,7 @@ def one(clients: int, config: str | None = None, overrides: tuple[str, ...] = ()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
-        settings = [*SETTINGS, f"clients.num={clients}", f"clients.per_round={clients}", f"output_dir={tmp}/run", *overrides]
+        settings = [*SETTINGS, *tiled_tweets(clients, tmp), f"clients.num={clients}", f"clients.per_round={clients}", f"output_dir={tmp}/run", *overrides]
         if config is not None:
             settings.append("eval.generate_examples=0")
         cfg = load_config(config or CONFIG_DIR / "tiny.yaml", settings)
@@ -83,6 +110,10 @@ def one(clients: int, config: str | None = None, overrides: tuple[str, ...] = ()
             steady = tree_pss()
             adapter_bytes = row["uplink_bytes"] // row["clients"]
             shard_rows = sum(sim.client_sizes)
+            round_s_at = {}
+            for k in per_round:
+                sim.set_clients(min(k, clients))
+                round_s_at[k] = sorted(sim.run_round()["wall_s"] for _ in range(ROUNDS_PER_SIZE))[ROUNDS_PER_SIZE // 2]
         ray.shutdown()
     stop.set()
     sampler.join()
@@ -92,6 +123,7 @@ def one(clients: int, config: str | None = None, overrides: tuple[str, ...] = ()
         "ray_start_s": ray_start_s,
         "startup_s": sim.startup_s,
         "round_s": row["wall_s"],
+        "round_s_at": round_s_at,
         "peak_bytes": max(samples),
         "steady_bytes": steady,
         "adapter_bytes": adapter_bytes,
@@ -100,12 +132,13 @@ def one(clients: int, config: str | None = None, overrides: tuple[str, ...] = ()
     }
 
 
-def measure(clients: list[int], config: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
+def measure(clients: list[int], config: str | None = None, overrides: tuple[str, ...] = (), per_round: tuple[int, ...] = ()) -> dict:
     results = []
     for n in clients:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "one.json"
-            command = [sys.executable, __file__, "--one", str(n), "--json", str(out), *(["--config", config] if config else []), *overrides]
+            sizes = [arg for k in per_round for arg in ("--per-round", str(k))]
+            command = [sys.executable, __file__, "--one", str(n), "--json", str(out), *sizes, *(["--config", config] if config else []), *overrides]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"{n} clients failed:\n{done.stderr[-3000:]}")
@@ -124,18 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 5000])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--config", help="another config's model and data")
+    parser.add_argument("--per-round", type=int, action="append", default=[], help="then time rounds of this many sampled clients (repeat for more sizes)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value after the settings")
     args = parser.parse_args(argv)
     if args.one:
-        args.json.write_text(json.dumps(one(args.one, args.config, tuple(args.overrides))))
+        args.json.write_text(json.dumps(one(args.one, args.config, tuple(args.overrides), tuple(args.per_round))))
         return 0
-    r = measure(args.clients, args.config, tuple(args.overrides))
+    r = measure(args.clients, args.config, tuple(args.overrides), tuple(args.per_round))
     mib = 2**20
     print("every client trains once (one AdamW step), so each holds its full local state; 2 CPUs")
-    print(f"{'clients':>8}{'Ray start s':>12}{'start-up s':>11}{'round s':>9}{'peak MiB':>10}{'steady MiB':>11}")
+    sized = "".join(f"{f'round@{k} s':>13}" for k in args.per_round)
+    print(f"{'clients':>8}{'Ray start s':>12}{'start-up s':>11}{'round s':>9}{sized}{'peak MiB':>10}{'steady MiB':>11}")
     for x in r["results"]:
-        print(f"{x['clients']:>8}{x['ray_start_s']:>12.1f}{x['startup_s']:>11.1f}{x['round_s']:>9.1f}{x['peak_bytes'] / mib:>10.0f}{x['steady_bytes'] / mib:>11.0f}")
+        at = "".join(f"{x['round_s_at'][str(k)]:>13.2f}" for k in args.per_round)
+        print(f"{x['clients']:>8}{x['ray_start_s']:>12.1f}{x['startup_s']:>11.1f}{x['round_s']:>9.1f}{at}{x['peak_bytes'] / mib:>10.0f}{x['steady_bytes'] / mib:>11.0f}")
     print(
         f"memory per extra client {r['bytes_per_extra_client'] / 1024:.1f} KiB; bound 2 x (adapter {r['adapter_bytes'] / 1024:.1f} KiB "
         f"+ AdamW state {r['optimizer_bytes'] / 1024:.1f} KiB) + shard = {r['bound_per_client'] / 1024:.1f} KiB"

@@ -77,10 +77,24 @@ def test_throughput_compares_worker_counts(tmp_path):
 @pytest.mark.skipif(not os.environ.get("RAYSIM_LONG"), reason="starts a Ray of its own per size: about 25 s on 2 CPU cores; set RAYSIM_LONG=1")
 def test_scale_reports_memory_per_client(tmp_path):
     out = tmp_path / "scale.json"
-    assert _load("scale").main(["--clients", "20", "60", "--json", str(out), "data.max_rows=3000"]) == 0
+    assert _load("scale").main(["--clients", "20", "60", "--per-round", "5", "--json", str(out), "data.max_rows=3000"]) == 0
     r = json.loads(out.read_text())
     assert [x["clients"] for x in r["results"]] == [20, 60] and all(x["trained"] == x["clients"] for x in r["results"])
+    assert all(x["round_s_at"]["5"] > 0 for x in r["results"])
     assert all(x["peak_bytes"] >= x["steady_bytes"] * 0.5 > 0 for x in r["results"]) and r["bound_per_client"] > 0
+
+
+def test_scale_repeats_the_tweets_only_past_the_clients_they_give_a_row_each(tmp_path):
+    import pyarrow.parquet as pq
+
+    from raysim.config import tweets_path
+    from raysim.data.loading import read_table
+
+    scale = _load("scale")
+    assert scale.tiled_tweets(scale.TWEETS_FOR_CLIENTS, str(tmp_path)) == []
+    (override,) = scale.tiled_tweets(2 * scale.TWEETS_FOR_CLIENTS + 1, str(tmp_path))
+    key, path = override.split("=", 1)
+    assert key == "data.path" and pq.read_metadata(path).num_rows == 3 * read_table(tweets_path()).num_rows
 
 
 def test_flower_peer_runs_both_sides_on_a_small_workload(tmp_path):
