@@ -57,7 +57,8 @@ def test_masks_are_uniform_words():
     assert not np.array_equal(words, expand_mask(b"t" * 32, 200_000))
 
 
-def _round(inputs, k_neighbours, threshold, drop_before_input=(), drop_before_unmask=(), round_idx=1, k=40):
+def _round(inputs, k_neighbours, threshold, drop_before_input=(), drop_before_unmask=(), round_idx=1, k=40, alter=None):
+    """One round; ``alter(reveals)`` may change the revealed shares before the server uses them."""
     clients = sorted(inputs)
     graph = neighbours(clients, k_neighbours, np.random.default_rng(round_idx))
     secrets, publics = {}, {}
@@ -69,6 +70,8 @@ def _round(inputs, k_neighbours, threshold, drop_before_input=(), drop_before_un
     masked = {c: masked_input(secrets[c], inputs[c], publics, k) for c in clients if c not in drop_before_input}
     responders = [c for c in masked if c not in drop_before_unmask]
     reveals = {c: unmask(secrets[c], publics, set(masked)) for c in responders}
+    if alter is not None:
+        alter(reveals)
     with np.errstate(over="ignore"):
         masked_total = sum(masked.values()) & ring_mask(k)
     return unmasked_sum(masked_total, set(masked), reveals, publics, graph, threshold, round_idx, k), masked
@@ -96,8 +99,57 @@ def test_dropouts_before_and_after_the_masked_input(k_neighbours, threshold):
 def test_too_few_survivors_abort():
     rng = np.random.default_rng(3)
     inputs = {c: rng.integers(0, 2**16, 16, dtype=np.uint64) for c in range(6)}
-    with pytest.raises(SecAggAborted, match="shares"):
-        _round(inputs, None, 5, drop_before_input={0, 1}, drop_before_unmask={2})
+    # 5 senders (enough to unmask for), of which only 3 answer: every secret has 3 of the 4 shares
+    with pytest.raises(SecAggAborted, match=r"^client \d: 3 of the 4 shares needed"):
+        _round(inputs, None, 4, drop_before_input={0}, drop_before_unmask={1, 2})
+
+
+def _alter_first_share_of(client):
+    """Change the share of ``client``'s secret held by its lowest-numbered responder (one of the t
+    shares the server rebuilds from) in a middle limb."""
+
+    def alter(reveals):
+        holder = min(v for v, r in reveals.items() if client in r)
+        kind, share = reveals[holder][client]
+        changed = share.copy()
+        changed[4] = (changed[4] + 1) % shamir.PRIME
+        reveals[holder][client] = (kind, changed)
+
+    return alter
+
+
+def test_an_altered_mask_key_share_aborts_naming_its_client():
+    """Client 3 sent nothing, so its neighbours reveal its masking key: one share changed gives
+    another key, which no longer matches the public key client 3 advertised."""
+    rng = np.random.default_rng(6)
+    inputs = {c: rng.integers(0, 2**16, 16, dtype=np.uint64) for c in range(6)}
+    with pytest.raises(SecAggAborted, match=r"^client 3: the masking key rebuilt from its shares does not match the public key it advertised"):
+        _round(inputs, None, 3, drop_before_input={3}, alter=_alter_first_share_of(3))
+
+
+def test_an_altered_self_mask_share_aborts_naming_its_client():
+    rng = np.random.default_rng(7)
+    inputs = {c: rng.integers(0, 2**16, 16, dtype=np.uint64) for c in range(6)}
+    with pytest.raises(SecAggAborted, match=r"^client 2: the self-mask seed rebuilt from its shares does not match its commitment"):
+        _round(inputs, None, 3, alter=_alter_first_share_of(2))
+    total, _ = _round(inputs, None, 3)  # the same round unaltered passes every check
+    np.testing.assert_array_equal(total, sum(inputs.values()) & ring_mask(40))
+
+
+def test_clients_refuse_to_unmask_when_fewer_than_t_senders_are_named():
+    """Bonawitz et al., round 4: a server that claims that only 2 clients sent their input (so that
+    their sum would be theirs alone) gets no share at all."""
+    clients = list(range(5))
+    graph = neighbours(clients, None, np.random.default_rng(0))
+    secrets, publics = {}, {}
+    for c in clients:
+        secrets[c], publics[c] = advertise(c, 1)
+    for c in clients:
+        for v, ciphertext in share_keys(secrets[c], publics, graph[c], 3).items():
+            secrets[v].received[c] = ciphertext
+    with pytest.raises(SecAggAborted, match=r"^client 0 refuses to unmask: the server names 2 sender\(s\), fewer than the threshold 3"):
+        unmask(secrets[0], publics, {0, 1})
+    assert set(unmask(secrets[0], publics, {0, 1, 2})) == {1, 2, 3, 4}
 
 
 def test_sparse_graph_has_k_neighbours_each():

@@ -236,3 +236,43 @@ def test_a_worker_killed_mid_round_drops_its_clients_and_the_others_sum_is_recov
     for name in expected:
         np.testing.assert_allclose(after[name], expected[name], atol=1e-4)
         assert np.any(np.abs(after[name] - start[name]) > 1e-4)
+
+
+class AlteringServer(Server):
+    """Changes one share of the lowest sender's self-mask seed (one of the t it rebuilds from)."""
+
+    def secagg_aggregate(self, round_idx, *reveals):
+        merged = {c: dict(r) for batch in reveals for c, r in batch.items()}
+        target = min(self._secagg_round["senders"])
+        holder = min(c for c, r in merged.items() if target in r)
+        kind, share = merged[holder][target]
+        changed = share.copy()
+        changed[4] = (changed[4] + 1) % shamir.PRIME
+        merged[holder][target] = (kind, changed)
+        return super().secagg_aggregate(round_idx, merged)
+
+
+class ShortListServer(Server):
+    """Names a single sender when asking the clients to unmask."""
+
+    def secagg_collect(self, round_idx, *payloads):
+        return super().secagg_collect(round_idx, *payloads)[:1]
+
+
+@pytest.mark.parametrize(
+    "server_class, reason",
+    [
+        (AlteringServer, r"client \d+: the self-mask seed rebuilt from its shares does not match its commitment \(a share was altered\)"),
+        (ShortListServer, r"client \d+ refuses to unmask: the server names 1 sender\(s\), fewer than the threshold \d+"),
+    ],
+    ids=["altered-share", "too-few-senders"],
+)
+def test_a_server_that_cheats_a_little_gets_an_aborted_round(tmp_path, caplog, server_class, reason):
+    simulation = type("CheatedSimulation", (Simulation,), {"server_class": server_class})
+    cfg = tiny_config(tmp_path, "clients.per_round=6", "secagg.enabled=true", "train.local_steps=2", "eval.max_examples=20")
+    start, _, row, after, _, _ = _one_round(cfg, simulation)
+    assert row["secagg_aborted"] and row["clients"] == 0
+    for name in start:
+        np.testing.assert_array_equal(after[name], start[name])
+    aborted = [r.getMessage() for r in caplog.records if "secure aggregation aborted" in r.getMessage()]
+    assert len(aborted) == 1 and re.search(reason, aborted[0]), aborted

@@ -1,17 +1,25 @@
 """One round of SecAgg+ as messages between clients and a server (Bonawitz et al., CCS 2017, with
 the sparse neighbour graph of Bell et al., CCS 2020).
 
-1. ``advertise``: each client makes two X25519 key pairs (one to encrypt its shares, one to mask).
+1. ``advertise``: each client makes two X25519 key pairs (one to encrypt its shares, one to mask)
+   and commits to its self-mask seed (SHA-256), sending the public keys and the commitment.
 2. ``share_keys``: it Shamir-shares its masking secret key and a fresh self-mask seed among its
    neighbours (t of them recover either), each share pair encrypted to its recipient (AES-GCM
    under an X25519 + HKDF-SHA256 key); the server only routes ciphertexts.
 3. ``masked_input``: it sends y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv) mod 2^k, where s_uv comes
    from key agreement with neighbour v and PRG is the ChaCha20 keystream.
 4. ``unmask``: each survivor reveals, per neighbour, the self-mask share if that neighbour's y
-   arrived or the masking-key share if it did not, never both.
+   arrived or the masking-key share if it did not, never both; it refuses to reveal anything when
+   the server names fewer than t senders (Bonawitz et al., round 4).
 5. ``unmasked_sum``: the server removes the self-masks of the senders and the pairwise masks
    that dropped clients left in their neighbours' inputs, and gets the sum mod 2^k, or aborts if
-   some secret has fewer than t shares.
+   some secret has fewer than t shares, or if a rebuilt secret is not the one its client
+   advertised (a masking key that does not give its public key, a seed that does not match its
+   commitment): an altered share then names its client instead of corrupting the sum.
+
+These are the cheap integrity checks of the protocol against a server (or a client) that cheats a
+little. The rest of the malicious-server protocol (signed messages, the consistency round) is not
+here: the server is trusted to route messages faithfully (docs/SECAGG.md).
 
 Every key, seed and sharing polynomial is drawn fresh from the OS each round, as a deployment
 would. Results stay reproducible: the masks cancel exactly, so the sum never depends on them.
@@ -20,6 +28,7 @@ No Ray here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -95,14 +104,23 @@ class ClientRound:
     mask_key: X25519PrivateKey
     self_seed: bytes
     received: dict[int, bytes] = field(default_factory=dict)  # sender -> ciphertext of its shares
+    threshold: int = 0  # the round's Shamir t, known once the client has shared its keys
+
+
+def seed_commitment(client: int, round_idx: int, seed: bytes) -> bytes:
+    """SHA-256 of a self-mask seed, bound to its client and round: sent at advertise time, so the
+    seed the server later rebuilds from shares can be checked against it."""
+    return hashlib.sha256(b"raysim-secagg/self-seed" + client.to_bytes(4, "big") + round_idx.to_bytes(4, "big") + seed).digest()
 
 
 def advertise(client: int, round_idx: int) -> tuple[ClientRound, dict]:
-    """Fresh key pairs and self-mask seed for this round; the public half goes to the server."""
+    """Fresh key pairs and self-mask seed for this round; the public keys and the seed's
+    commitment go to the server."""
     secrets = ClientRound(client, round_idx, X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32))
     public = {
         "share_public": secrets.share_key.public_key().public_bytes_raw(),
         "mask_public": secrets.mask_key.public_key().public_bytes_raw(),
+        "seed_commitment": seed_commitment(client, round_idx, secrets.self_seed),
     }
     return secrets, public
 
@@ -113,6 +131,7 @@ def _nonce(sender: int, receiver: int, round_idx: int) -> bytes:
 
 def share_keys(secrets: ClientRound, publics: dict[int, dict], neighbour_ids: list[int], threshold: int) -> dict[int, bytes]:
     """Shares of the masking key and the self-mask seed, one ciphertext per neighbour."""
+    secrets.threshold = threshold
     mask_raw = secrets.mask_key.private_bytes(
         encoding=serialization.Encoding.Raw, format=serialization.PrivateFormat.Raw, encryption_algorithm=serialization.NoEncryption()
     )
@@ -145,7 +164,12 @@ def masked_input(secrets: ClientRound, encoded: np.ndarray, publics: dict[int, d
 
 def unmask(secrets: ClientRound, publics: dict[int, dict], sent: set[int]) -> dict[int, tuple[str, np.ndarray]]:
     """For each neighbour whose shares this client holds: its self-mask share if its input arrived,
-    else its masking-key share. Never both for one neighbour."""
+    else its masking-key share. Never both for one neighbour. With fewer than t senders named,
+    nothing: the masked inputs of so few could not stay hidden in their sum."""
+    if len(sent) < secrets.threshold:
+        raise SecAggAborted(
+            f"client {secrets.client} refuses to unmask: the server names {len(sent)} sender(s), fewer than the threshold {secrets.threshold}"
+        )
     out = {}
     for u, ciphertext in secrets.received.items():
         key = _agree(secrets.share_key, publics[u]["share_public"], b"raysim-secagg/share-encryption")
@@ -178,9 +202,13 @@ def unmasked_sum(
                 raise SecAggAborted(f"client {u}: {len(shares)} of the {threshold} shares needed to remove its masks arrived")
             secret = shamir.reconstruct(shares, threshold)
             if wanted == "self":
+                if seed_commitment(u, round_idx, secret) != publics[u]["seed_commitment"]:
+                    raise SecAggAborted(f"client {u}: the self-mask seed rebuilt from its shares does not match its commitment (a share was altered)")
                 total = total - expand_mask(secret, length)
                 continue
             mask_key = X25519PrivateKey.from_private_bytes(secret)
+            if mask_key.public_key().public_bytes_raw() != publics[u]["mask_public"]:
+                raise SecAggAborted(f"client {u}: the masking key rebuilt from its shares does not match the public key it advertised (a share was altered)")
             for v in graph[u]:
                 if v in senders:  # v added +PRG(s_vu) if v < u, else subtracted it
                     mask = pairwise_mask(mask_key, publics[v]["mask_public"], round_idx, length)
