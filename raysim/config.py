@@ -187,6 +187,20 @@ class ServerConfig:
     # lr=1, momentum=0 is plain FedAvg; momentum > 0 is FedAvgM.
     lr: float = 1.0
     momentum: float = 0.0
+    # How the clients' updates are combined before the server optimizer (raysim/robust/): mean
+    # (weighted FedAvg), or, against poisoning clients, median or trimmed_mean (coordinate-wise),
+    # krum or multi_krum (on each client's update, so not with SecAgg or central DP), or
+    # norm_bound (each client clips its update to norm_bound before the weighted mean; allowed
+    # under SecAgg, where a malicious client may skip it).
+    aggregator: str = "mean"
+    # trimmed_mean: the fraction of values dropped at each end of each coordinate, in [0, 0.5).
+    trim_fraction: float = 0.1
+    # krum, multi_krum: the number f of poisoned updates to tolerate (needs clients per round > 2f + 2).
+    byzantine: int = 1
+    # multi_krum: how many of the best-scored updates to average (0: clients per round - byzantine).
+    krum_select: int = 0
+    # norm_bound: the L2 bound M on each client's update.
+    norm_bound: float = 1.0
 
 
 @dataclass
@@ -233,6 +247,26 @@ class PrivacyConfig:
     # local_dp_sgd: rounds a client's budget must last; 0 = all rounds (a client may be sampled in
     # every one). Fewer means less noise, and clients that used their budget stop being sampled.
     client_rounds: int = 0
+
+
+@dataclass
+class AttackConfig:
+    # Poisoning clients (raysim/attacks/): this fraction of clients.num, drawn from the seed, is
+    # malicious. 0: every client is honest.
+    fraction: float = 0.0
+    # What they do: sign_flip, scale, gaussian (to their message; they also skip norm_bound's
+    # clipping) or label_flip, backdoor (to their training rows; classification only).
+    kind: str = "sign_flip"
+    # scale: the factor a model-replacement update is boosted by.
+    scale: float = 10.0
+    # gaussian: the standard deviation of the noise sent in place of the update.
+    noise_std: float = 1.0
+    # backdoor: rows with the trigger prepended are labelled target_label (an index into
+    # data.labels); poison_fraction of each malicious client's rows are. The metrics' column
+    # attack_success is the share of triggered test rows of other labels classified as the target.
+    target_label: int = 0
+    trigger: str = "cf"
+    poison_fraction: float = 0.5
 
 
 @dataclass
@@ -321,6 +355,7 @@ class RaysimConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -451,6 +486,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.weighting in WEIGHTINGS, "train.weighting", f"'{cfg.train.weighting}' is not one of {', '.join(WEIGHTINGS)}")
     _check(cfg.server.lr > 0, "server.lr", "must be > 0")
     _check(0 <= cfg.server.momentum < 1, "server.momentum", "must be in [0, 1)")
+    _validate_aggregator(cfg)
+    _validate_attack(cfg)
     _check(cfg.eval.split in EVAL_SPLITS, "eval.split", f"'{cfg.eval.split}' is not one of {', '.join(EVAL_SPLITS)}")
     _check(
         cfg.eval.split != "validation" or cfg.data.validation_fraction > 0,
@@ -529,6 +566,63 @@ def _validate_ranks(cfg: DictConfig) -> None:
         "train.clients_per_batch",
         "must be 1 with clients.ranks (clients trained together in one pass share one rank)",
     )
+
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
+PER_UPDATE_AGGREGATORS = ("median", "trimmed_mean", "krum", "multi_krum")  # they need each client's update
+
+
+def _validate_aggregator(cfg: DictConfig) -> None:
+    s = cfg.server
+    _check(s.aggregator in AGGREGATORS, "server.aggregator", f"'{s.aggregator}' is not one of {', '.join(AGGREGATORS)}")
+    _check(0 <= s.trim_fraction < 0.5, "server.trim_fraction", "must be in [0, 0.5)")
+    _check(s.byzantine >= 0, "server.byzantine", "must be >= 0")
+    _check(s.krum_select >= 0, "server.krum_select", "must be >= 0 (0: clients per round - byzantine)")
+    _check(s.norm_bound > 0, "server.norm_bound", "must be > 0")
+    if s.aggregator not in PER_UPDATE_AGGREGATORS:
+        return
+    why = f"{s.aggregator} needs each client's update"
+    _check(not cfg.secagg.enabled, "server.aggregator", f"{why}, which secure aggregation hides from the server; use mean or norm_bound, or turn secagg off")
+    _check(cfg.privacy.mode != "central_dp", "server.aggregator", f"{why}; central DP calibrates its noise to a clipped sum: use mean or norm_bound")
+    from raysim.methods import method_class
+    from raysim.methods.protocol import Aggregation
+
+    _check(
+        method_class(cfg.method).aggregation is Aggregation.SUMMABLE,
+        "server.aggregator",
+        f"{why} as one vector; method {cfg.method} aggregates its own per-client messages",
+    )
+    if s.aggregator in ("krum", "multi_krum"):
+        _check(
+            cfg.clients.per_round > 2 * s.byzantine + 2,
+            "server.byzantine",
+            f"{s.aggregator} tolerates f={s.byzantine} only with more than 2f + 2 = {2 * s.byzantine + 2} clients per round ({cfg.clients.per_round})",
+        )
+        _check(s.krum_select <= cfg.clients.per_round, "server.krum_select", f"{s.krum_select} is more than clients.per_round ({cfg.clients.per_round})")
+
+
+def _validate_attack(cfg: DictConfig) -> None:
+    from raysim.attacks import ATTACKS, DATA_ATTACKS
+
+    a = cfg.attack
+    _check(0 <= a.fraction < 1, "attack.fraction", "must be in [0, 1)")
+    _check(a.kind in ATTACKS, "attack.kind", f"'{a.kind}' is not one of {', '.join(ATTACKS)}")
+    _check(a.scale > 0, "attack.scale", "must be > 0")
+    _check(a.noise_std > 0, "attack.noise_std", "must be > 0")
+    _check(0 < a.poison_fraction <= 1, "attack.poison_fraction", "must be in (0, 1]")
+    _check(bool(a.trigger.strip()), "attack.trigger", "must not be empty")
+    _check(a.target_label >= 0, "attack.target_label", "must be >= 0 (an index into data.labels)")
+    if a.kind in DATA_ATTACKS and a.fraction > 0:
+        _check(cfg.task == "classification", "attack.kind", f"{a.kind} poisons labels: task=classification only")
+    if a.kind not in DATA_ATTACKS and a.fraction > 0:
+        from raysim.methods import method_class
+        from raysim.methods.protocol import Aggregation
+
+        _check(
+            method_class(cfg.method).aggregation is Aggregation.SUMMABLE,
+            "attack.kind",
+            f"{a.kind} poisons a summable update; method {cfg.method} sends per-client messages",
+        )
 
 
 def _validate_method(cfg: DictConfig) -> None:

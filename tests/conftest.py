@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import threading
@@ -46,19 +47,32 @@ def ray_session():
     ray.shutdown()
 
 
-def expected_round(cfg, sampled):
-    """One round computed in this process: each sampled client trains from the initial adapter; the
-    global adapter moves by server.lr times the weighted mean delta (round 1: momentum has no past).
-    With a worker's torch threads, so its kernels sum in the same order as the workers'."""
+@contextlib.contextmanager
+def worker_threads(cfg):
+    """A worker's torch threads in this process, so its kernels sum in the same order as the workers'."""
     threads = torch.get_num_threads()
     torch.set_num_threads(int(cfg.worker.num_cpus))
     try:
-        return _expected_round(cfg, sampled)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _expected_round(cfg, sampled):
+def expected_round(cfg, sampled):
+    """One round computed in this process: each sampled client trains from the initial adapter; the
+    global adapter moves by server.lr times the weighted mean delta (round 1: momentum has no past)."""
+    with worker_threads(cfg):
+        return _expected_round(cfg, sampled)
+
+
+def client_results(cfg, sampled):
+    """Round 1 computed in this process, client by client: (start adapter, each client's trained
+    adapter, each client's weight (its examples), the model), as numpy arrays."""
+    with worker_threads(cfg):
+        return _client_results(cfg, sampled)
+
+
+def _client_results(cfg, sampled):
     data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
     model = build_model(cfg, len(data.label_names))
     params = trainable_parameters(model)
@@ -73,9 +87,14 @@ def _expected_round(cfg, sampled):
         local_train(model, optimizer, shard, batches, torch.device("cpu"))
         finals.append(adapter_state(model))
         weights.append(float(len(shard)))
+    return {k: v.numpy() for k, v in start.items()}, finals, weights, model
+
+
+def _expected_round(cfg, sampled):
+    start, finals, weights, model = _client_results(cfg, sampled)
     total = sum(weights)
     averaged = {k: sum(w * f[k] for f, w in zip(finals, weights)) / total for k in start}
-    expected = {k: start[k].numpy() + cfg.server.lr * (averaged[k] - start[k].numpy()) for k in start}
+    expected = {k: start[k] + cfg.server.lr * (averaged[k] - start[k]) for k in start}
     frozen = frozen_lora_a(model)
     mean_products = {m: sum(w * p for w, p in zip(weights, ps)) / total for m, ps in by_module([lora_products(f, frozen) for f in finals]).items()}
     return expected, relative_aggregation_error(mean_products, lora_products(averaged, frozen))

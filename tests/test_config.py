@@ -131,3 +131,24 @@ def test_every_shipped_config_validates(path):
         assert "pip install" in str(err), str(err)
         pytest.skip(str(err))
     assert cfg.rounds >= 1 and cfg.task in ("classification", "causal_lm")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["server.aggregator=mode"], "^server.aggregator: 'mode' is not one of mean, median"),
+        (["server.aggregator=median", "secagg.enabled=true"], "^server.aggregator: median needs each client's update, which secure aggregation hides"),
+        (["server.aggregator=krum", "privacy.mode=central_dp", "privacy.noise_multiplier=1", "privacy.clip_norm=1"], "^server.aggregator: krum needs each client's update; central DP"),
+        (["server.aggregator=trimmed_mean", "method=flora"], "^server.aggregator: trimmed_mean needs each client's update as one vector; method flora"),
+        (["server.aggregator=krum", "clients.per_round=4"], r"^server.byzantine: krum tolerates f=1 only with more than 2f \+ 2 = 4 clients per round \(4\)"),
+        (["server.aggregator=trimmed_mean", "server.trim_fraction=0.5"], r"^server.trim_fraction: must be in \[0, 0.5\)"),
+    ],
+)
+def test_robust_aggregators_are_refused_where_they_cannot_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG_DIR / "tiny.yaml", overrides)
+
+
+def test_norm_bound_runs_under_secure_aggregation():
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", ["server.aggregator=norm_bound", "secagg.enabled=true", "server.norm_bound=0.5"])
+    assert cfg.server.aggregator == "norm_bound"

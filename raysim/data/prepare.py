@@ -27,6 +27,7 @@ class DataPlan:
     eval_subset: np.ndarray  # indices into the evaluation rows evaluated every round
     label_names: list[str]
     n_public: int = 0
+    triggered: tuple[list[str], np.ndarray] | None = None  # attack.kind=backdoor: triggered evaluation rows, labelled the target
 
     @property
     def client_sizes(self) -> list[int]:
@@ -42,6 +43,7 @@ class PreparedData:
     public: pa.Table | None = None  # data.public_rows held out from every client
     answers: list[str] | None = None  # task=causal_lm: each evaluation row's reference response
     generate_subset: np.ndarray | None = None  # task=causal_lm: evaluation rows answered by generation
+    triggered: pa.Table | None = None  # attack.kind=backdoor: the triggered evaluation rows, labelled the target
 
 
 @dataclass
@@ -138,7 +140,11 @@ def tokenize_plan(plan: DataPlan, tokenizer, max_length: int) -> PreparedData:
     shards = [to_arrow(ids[p], lengths[p], labels[p]) for p in plan.parts]
     eval_full = to_arrow(ids[n:end], lengths[n:end], labels[n:end])
     public = to_arrow(ids[end:], lengths[end:], labels[end:]) if plan.n_public else None
-    return PreparedData(shards, eval_full, plan.eval_subset, plan.label_names, public)
+    triggered = None
+    if plan.triggered is not None:
+        texts, targets = plan.triggered
+        triggered = to_arrow(*tokenize(tokenizer, texts, max_length), targets)
+    return PreparedData(shards, eval_full, plan.eval_subset, plan.label_names, public, triggered=triggered)
 
 
 def prepare(cfg, tokenizer) -> PreparedData:

@@ -15,11 +15,14 @@ import numpy as np
 import pyarrow as pa
 from omegaconf import DictConfig
 
-from raysim.config import ConfigError, UserError
+from raysim.attacks import DATA_ATTACKS, malicious_clients
+from raysim.attacks.data import poisoned_plan
+from raysim.config import PER_UPDATE_AGGREGATORS, ConfigError, UserError
 from raysim.data.loading import GENERATE_ROW
 from raysim.data.prepare import PreparedData, plan_data, split_for_workers, tokenize_plan
 from raysim.data.tokenizer import load_tokenizer, local_file
 from raysim.privacy.budget import PrivacyBudget
+from raysim.robust import RobustRule
 from raysim.secagg.encoding import ring_bits
 
 if TYPE_CHECKING:
@@ -41,8 +44,20 @@ def check_inputs(cfg: DictConfig) -> tuple[Any, Any, PrivacyBudget]:
         tokenizer: Any = load_prompt_tokenizer(cfg.model.name_or_path)
         plan: Any = plan_instructions(cfg)
     else:
-        tokenizer, plan = load_tokenizer(cfg.model.name_or_path), plan_data(cfg)
+        tokenizer, plan = load_tokenizer(cfg.model.name_or_path), poison(cfg, plan_data(cfg))
     return tokenizer, plan, plan_privacy(cfg, plan.client_sizes)
+
+
+def poison(cfg: DictConfig, plan: Any) -> Any:
+    """The plan with the malicious clients' rows poisoned, for a data attack (attack.*)."""
+    a = cfg.attack
+    if a.fraction == 0 or a.kind not in DATA_ATTACKS:
+        return plan
+    if a.target_label >= len(plan.label_names):
+        raise ConfigError(f"attack.target_label: {a.target_label} is not an index into the {len(plan.label_names)} labels {plan.label_names}")
+    malicious = malicious_clients(cfg.seed, cfg.clients.num, a.fraction)
+    log.info("attack: %d malicious client(s) %s, %s", len(malicious), malicious, a.kind)
+    return poisoned_plan(plan, a, cfg.seed, malicious)
 
 
 def check_context(cfg: DictConfig) -> None:
@@ -80,6 +95,15 @@ def check_adapters(sim: Simulation) -> None:
             )
         if not 1 <= spec.rank <= sim.cfg.lora.rank:
             raise UserError(f"method: {sim.cfg.method} gives client {cid} rank {spec.rank}, outside 1..lora.rank ({sim.cfg.lora.rank})")
+
+
+def robust_rule(cfg: DictConfig) -> RobustRule | None:
+    """The server's per-update rule (server.aggregator), or None for a weighted mean (mean, and
+    norm_bound, which each client applies to its own update)."""
+    s = cfg.server
+    if s.aggregator not in PER_UPDATE_AGGREGATORS:
+        return None
+    return RobustRule(s.aggregator, float(s.trim_fraction), int(s.byzantine), int(s.krum_select))
 
 
 def server_settings(cfg: DictConfig, budget: PrivacyBudget) -> tuple[dict | None, dict | None]:
@@ -135,6 +159,10 @@ def put_data(sim: Simulation, data: PreparedData, num_workers: int) -> tuple[Any
     offsets = np.concatenate([[0], np.cumsum(sim.client_sizes)])
     shards_ref = sim.backend.put((pa.concat_tables(data.client_shards).combine_chunks(), offsets))
     tables: list[dict[str, pa.Table]] = [{"full": data.eval_full.take(full_parts[w]), "subset": data.eval_full.take(subset_parts[w])} for w in range(num_workers)]
+    if data.triggered is not None:
+        lengths = data.triggered.column("length").to_numpy()
+        for w, rows in enumerate(split_for_workers(np.arange(data.triggered.num_rows), lengths, num_workers)):
+            tables[w]["backdoor"] = data.triggered.take(rows)
     if data.generate_subset is not None:
         for w, rows in enumerate(split_for_workers(data.generate_subset, eval_lengths, num_workers)):
             tables[w]["generate"] = data.eval_full.take(rows).append_column(GENERATE_ROW, pa.array(rows, pa.int64()))

@@ -28,7 +28,10 @@ from raysim.data.loading import GENERATE_ROW, from_arrow
 from raysim.methods import build as build_method
 from raysim.methods.common import sketch_matrix
 from raysim.methods.protocol import Aggregation, ClientUpdate, Message
+from raysim.attacks import UPDATE_ATTACKS, malicious_clients
+from raysim.attacks.updates import poisoned_update
 from raysim.client_rank import ClientRank
+from raysim.config import PER_UPDATE_AGGREGATORS
 from raysim.model import MERGED_BASE_FILE, adapted_base_weights, adapter_state, base_model_name, build_model, frozen_lora_a, quiet_load, trainable_parameters
 from raysim.privacy.budget import ClientPrivacy
 from raysim.privacy.central_dp import clip_update
@@ -105,6 +108,9 @@ class ClientHost(SecAggClients):
         self.generate_rows = np.zeros(0, dtype=np.int64)  # task=causal_lm: the evaluation rows this worker answers
         self._tokenizer: Any = None
         self.states: dict[int, ClientState] = {}
+        a = self.cfg.attack
+        # Clients that poison their message (raysim.attacks.updates); data attacks were made on the driver.
+        self.attackers = set(malicious_clients(self.cfg.seed, self.cfg.clients.num, a.fraction)) if a.fraction > 0 and a.kind in UPDATE_ATTACKS else set()
         self.init_secagg()
 
     def load(
@@ -314,10 +320,14 @@ class ClientHost(SecAggClients):
             group["lr"] = train_cfg.lr
         central = self.privacy.mode == "central_dp"
         per_client = self.method.aggregation is Aggregation.PER_CLIENT
+        # server.aggregator: a per-update rule needs each client's update; norm_bound (Sun et al.
+        # 2019) is applied here, by each client to its own update, before the sum or SecAgg.
+        per_update = self.cfg.server.aggregator in PER_UPDATE_AGGREGATORS
+        norm_bound = self.cfg.server.norm_bound if self.cfg.server.aggregator == "norm_bound" else None
         start_state = self._take(global_state)
         delta_sum: dict[str, torch.Tensor] = {}
         secure = inbox is not None
-        sketches = self._sketches(round_idx) if self.want_products and not central and not secure else None
+        sketches = self._sketches(round_idx) if self.want_products and not central and not secure and not per_update else None
         product_sum: dict[str, torch.Tensor] = {}
         messages: list[tuple[int, float, Message]] = []
         weight_total, loss_sum, steps_s, sent_bytes = 0.0, 0.0, 0.0, 0
@@ -343,6 +353,11 @@ class ClientHost(SecAggClients):
                         "per-sample gradients (is the model in train mode?)"
                     )
                 summable = message.summable
+                if cid in self.attackers:  # it sends what it likes, and skips norm_bound's clipping
+                    a = self.cfg.attack
+                    summable = poisoned_update(a.kind, summable, a.scale, a.noise_std, self.cfg.seed, round_idx, cid)
+                elif norm_bound is not None:
+                    summable, _ = clip_update(summable, norm_bound)
                 if central:
                     summable, _ = clip_update(summable, self.privacy.clip_norm)
                 sent_bytes += message.size()
@@ -352,8 +367,8 @@ class ClientHost(SecAggClients):
                         masked = (masked + y) & ring_mask(self.ring_bits)
                     clipped += n_clipped
                     continue
-                if per_client:
-                    messages.append((cid, weight, _to_numpy(message)))
+                if per_client or per_update:
+                    messages.append((cid, weight, _to_numpy(dataclasses.replace(message, summable=summable))))
                 else:
                     for k, v in summable.items():
                         if k in delta_sum:

@@ -12,6 +12,7 @@ No Ray here: the object store's ``put`` is handed in.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import numpy as np
 from raysim.methods.common import relative_aggregation_error, sketch_matrix
 from raysim.methods.protocol import Aggregation, Method, RoundInput, ServerState
 from raysim.privacy.central_dp import noisy_mean, poisson_clients
+from raysim.robust import RobustRule
 from raysim.runtime.messages import MaskedPayload, SecAggRoster, ServerReport, WorkerPayload
 from raysim.secagg.encoding import decode_update_sum, ring_mask
 from raysim.secagg.protocol import SecAggAborted, neighbours, threshold_for, unmasked_sum
@@ -27,8 +29,10 @@ from raysim.secagg.protocol import SecAggAborted, neighbours, threshold_for, unm
 _SAMPLING_STREAM = 0x5A3
 _NOISE_STREAM = 0xD9
 _GRAPH_STREAM = 0x6A
-_PUBLIC_KEY_BYTES = 64
+_ADVERTISED_BYTES = 96  # two X25519 public keys and a SHA-256 seed commitment
 _REVEAL_BYTES = 73  # kind + one Shamir share (9 field elements of 8 bytes)
+
+log = logging.getLogger("raysim")
 
 
 def unflatten(vector: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,11 +55,13 @@ class Server:
         secagg: dict | None = None,
         sketch_columns: int = 0,
         put: Callable[[Any], Any] | None = None,
+        robust: RobustRule | None = None,
     ):
         """``central_dp``: {noise_multiplier, clip_norm, sample_rate} for DP-FedAvg, or None.
         ``secagg``: {neighbors (int or None for all), threshold, clip_range, bits, ring_bits}, or None.
         ``sketch_columns``: of the aggregation-error sketch (0: exact products). ``put``: the
-        object store's put (Ray's in an actor); None keeps the broadcast as it is."""
+        object store's put (Ray's in an actor); None keeps the broadcast as it is. ``robust``: the
+        rule that combines each client's update in place of the weighted mean, or None."""
         self.method = method
         self.central_dp = central_dp
         self.secagg = secagg
@@ -64,6 +70,7 @@ class Server:
         self.num_clients = num_clients
         self.sketch_columns = sketch_columns
         self._put = put or (lambda value: value)
+        self.robust = robust
         self.state = ServerState(adapter={})
         self._broadcast: list | None = None
         self._adapter_ref: list | None = None
@@ -123,16 +130,32 @@ class Server:
         template = self.method.message_template(self.state)
         mean = None
         summable = self.method.aggregation is Aggregation.SUMMABLE
-        if summable and (self.central_dp or (payloads and weight_total > 0)):
+        messages = [m for p in payloads for m in p.messages]
+        if summable and self.robust is not None:
+            mean, messages = self._robust_mean(round_idx, messages, template), []
+        elif summable and (self.central_dp or (payloads and weight_total > 0)):
             summed = {k: sum((p.delta_sum[k] for p in payloads if k in p.delta_sum), np.zeros_like(v)) for k, v in template.items()}
             mean = self._mean(round_idx, summed, weight_total)
         error, update = float("nan"), None
         if mean is not None and payloads and payloads[0].product_sum:
             update = self.method.update(self.state, mean)
             error = self._aggregation_error(round_idx, update, weight_total, payloads)
-        messages = [m for p in payloads for m in p.messages]
         self._apply(RoundInput(round_idx, mean, weight_total, messages, update))
         return ServerReport(aggregation_error=error)
+
+    def _robust_mean(self, round_idx: int, messages: list, template: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The robust rule over the clients' updates (each flattened in sorted-key order), in place
+        of the weighted mean; None (the adapter stays) when too few arrived for the rule."""
+        assert self.robust is not None
+        if len(messages) < self.robust.min_updates():
+            log.warning(
+                "round %d: %d update(s) arrived, too few for server.aggregator=%s (at least %d); the global adapter is unchanged",
+                round_idx, len(messages), self.robust.aggregator, self.robust.min_updates(),
+            )
+            return None
+        names = sorted(template)
+        updates = np.stack([np.concatenate([np.asarray(m.summable[k], np.float64).reshape(-1) for k in names]) for _, _, m in messages])
+        return unflatten(self.robust.apply(updates), template)
 
     def _aggregation_error(self, round_idx: int, update: dict[str, np.ndarray], weight_total: float, payloads) -> float:
         """The error of averaging itself: the adapter plus the round's update (before the server
@@ -179,7 +202,7 @@ class Server:
             "publics": publics,
             "graph": graph,
             "threshold": threshold,
-            "bytes": _PUBLIC_KEY_BYTES * len(clients),
+            "bytes": _ADVERTISED_BYTES * len(clients),
         }
         return SecAggRoster(round_idx=round_idx, publics=publics, graph=graph, threshold=threshold)
 

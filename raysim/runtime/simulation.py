@@ -83,6 +83,7 @@ class Simulation:
         self._owns_ray = self._started_ray = False
         self._checkpointed_round = -1
         self.answers: list[str] | None = None
+        self.backdoor = False
         self.untuned: dict[str, float] | None = None  # task=causal_lm: the evaluation before round 1
         self._predictions: list[dict[str, Any]] = []
         self.ray_start_s = 0.0  # ray.init's share of startup_s; 0 where Ray was already up (or not used)
@@ -108,10 +109,13 @@ class Simulation:
             self.workers = [self.backend.worker(resolved, w, len(self.label_names)) for w in range(num_workers)]
             central_dp, secagg = bootstrap.server_settings(self.cfg, self.budget)
             self.secure = secagg is not None
-            self.server_args = (self.method, self.cfg.seed, self.cfg.clients.num, central_dp, secagg, self._sketch_columns(), self.backend.object_putter())
+            self.server_args = (
+                self.method, self.cfg.seed, self.cfg.clients.num, central_dp, secagg, self._sketch_columns(), self.backend.object_putter(), bootstrap.robust_rule(self.cfg)
+            )
             self.server = self.backend.actor(self.server_class, *self.server_args, num_cpus=0)
             data = bootstrap.tokenize_checked(self, tokenizer, plan)
             self.answers = data.answers  # task=causal_lm: the evaluation rows' reference responses
+            self.backdoor = data.triggered is not None  # attack.kind=backdoor: its success is measured too
             # Each client's owner: the worker holding its local state (see raysim.runtime.placement).
             self.client_worker = {c: w for w, group in enumerate(assign_clients(self.client_sizes, num_workers)) for c in group}
             if saved and saved["workers"] == num_workers:
@@ -386,6 +390,8 @@ class Simulation:
         else:
             result = {"eval_loss": math.nan, "eval_accuracy": math.nan, "eval_perplexity": math.nan}
         row.update(eval_loss=result["eval_loss"], eval_accuracy=result["eval_accuracy"])
+        if self.backdoor:
+            row["attack_success"] = self._evaluate("backdoor")["eval_accuracy"] if math.isfinite(result["eval_loss"]) else math.nan
         if self.causal_lm:
             row["eval_perplexity"] = result["eval_perplexity"]
         row["eval_s"] = time.perf_counter() - eval_started
@@ -490,6 +496,8 @@ class Simulation:
         result = self._evaluate("full")
         if self.causal_lm:
             self.outputs.write_predictions(self._predictions)
+        if self.backdoor:  # the triggered copies of the per-round subset's rows of other labels
+            result["attack_success"] = self._evaluate("backdoor")["eval_accuracy"]
         return result
 
     @property
@@ -533,6 +541,7 @@ class Simulation:
                 "final_eval_loss": final.get("eval_loss"),
                 "final_eval_examples": final.get("eval_examples"),
                 **(self._lm_summary(final) if self.causal_lm else {}),
+                **({"final_attack_success": final.get("attack_success")} if self.backdoor else {}),
                 "uplink_bytes": int(sum(r["uplink_bytes"] for r in rows)),
                 "downlink_bytes": int(sum(r["downlink_bytes"] for r in rows)),
                 "startup_s": round(self.startup_s, 3),

@@ -1,0 +1,47 @@
+"""Robust aggregation of per-client updates against poisoning clients: plain numpy functions, one
+file per rule with its paper, no Ray. Each takes the sampled clients' updates as the rows of an
+(n, d) matrix and returns the aggregate (d,). ``server.aggregator`` picks one, applied by the
+server to each client's update.
+
+``server.aggregator: norm_bound`` (Sun, Kairouz, Suresh, McMahan, "Can you really backdoor
+federated learning?", 2019, Section 4) is not here: each client scales its own update to an L2
+norm of at most ``server.norm_bound`` before the weighted sum (raysim.runtime.host, with DP's
+``clip_update``), which caps what a boosted model-replacement update can move and works under
+secure aggregation too, where a malicious client may skip it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from raysim.robust.krum import krum, multi_krum
+from raysim.robust.median import coordinate_median
+from raysim.robust.trimmed_mean import trimmed_mean
+
+__all__ = ["RobustRule", "coordinate_median", "krum", "multi_krum", "trimmed_mean"]
+
+
+@dataclass(frozen=True)
+class RobustRule:
+    """A per-update rule as ``server.*`` configures it."""
+
+    aggregator: str  # median, trimmed_mean, krum or multi_krum
+    trim_fraction: float = 0.1
+    byzantine: int = 1
+    krum_select: int = 0  # 0: n - byzantine
+
+    def min_updates(self) -> int:
+        return 2 * self.byzantine + 3 if self.aggregator in ("krum", "multi_krum") else 1
+
+    def apply(self, updates: np.ndarray) -> np.ndarray:
+        if self.aggregator == "median":
+            return coordinate_median(updates)
+        if self.aggregator == "trimmed_mean":
+            return trimmed_mean(updates, self.trim_fraction)
+        if self.aggregator == "krum":
+            return krum(updates, self.byzantine)[0]
+        if self.aggregator == "multi_krum":
+            m = self.krum_select or len(updates) - self.byzantine
+            return multi_krum(updates, self.byzantine, min(m, len(updates)))[0]
+        raise ValueError(f"server.aggregator: '{self.aggregator}' is not a per-update rule")

@@ -1,0 +1,99 @@
+"""server.aggregator through the runtime (in process, runtime=local): one round's global adapter
+against the rule applied here, in numpy, to the clients' updates trained one by one."""
+
+import numpy as np
+import pytest
+
+from raysim import Simulation
+
+from conftest import client_results, tiny_config
+
+SETTINGS = ["runtime=local", "clients.per_round=7", "train.local_steps=3", "eval.max_examples=20", "server.lr=0.5"]
+
+
+def _deltas(start, finals):
+    names = sorted(start)
+    return names, np.stack([np.concatenate([(f[k].astype(np.float64) - start[k]).reshape(-1) for k in names]) for f in finals])
+
+
+def _brute_force_krum_choice(deltas, f):
+    n = len(deltas)
+    scores = [sum(sorted(float(((deltas[i] - deltas[j]) ** 2).sum()) for j in range(n) if j != i)[: n - f - 2]) for i in range(n)]
+    return sorted(range(n), key=lambda i: (scores[i], i))
+
+
+def _expected_update(aggregator, deltas, weights):
+    if aggregator == "median":
+        return np.median(deltas, axis=0)
+    if aggregator == "trimmed_mean":  # server.trim_fraction 0.2 of 7: one value off each end
+        return np.sort(deltas, axis=0)[1:-1].mean(axis=0)
+    if aggregator == "multi_krum":  # f = 1, m = 7 - 1
+        return deltas[_brute_force_krum_choice(deltas, 1)[:6]].mean(axis=0)
+    if aggregator == "norm_bound":  # each update scaled to norm <= 0.01, then the weighted mean
+        norms = np.linalg.norm(deltas, axis=1, keepdims=True)
+        clipped = deltas * np.minimum(1.0, 0.01 / norms)
+        return (np.asarray(weights)[:, None] * clipped).sum(axis=0) / sum(weights)
+    raise AssertionError(aggregator)
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean", "multi_krum", "norm_bound"])
+def test_one_round_moves_the_adapter_by_the_rule_over_the_clients_updates(tmp_path, aggregator):
+    cfg = tiny_config(tmp_path, *SETTINGS, f"server.aggregator={aggregator}", "server.trim_fraction=0.2", "server.norm_bound=0.01")
+    with Simulation(cfg) as sim:
+        sampled = sim.backend.get(sim.server.sample.remote(1, 7))
+        sim.run_round()
+        got = sim.global_adapter()
+    start, finals, weights, _ = client_results(cfg, sampled)
+    names, deltas = _deltas(start, finals)
+    update = _expected_update(aggregator, deltas, weights)
+    if aggregator == "norm_bound":
+        assert np.linalg.norm(deltas, axis=1).min() > 0.01  # the bound binds for every client
+    offset = 0
+    for k in names:
+        size = start[k].size
+        expected = start[k] + 0.5 * update[offset : offset + size].reshape(start[k].shape)
+        np.testing.assert_allclose(got[k], expected, rtol=1e-4, atol=1e-6, err_msg=k)
+        offset += size
+
+
+@pytest.mark.parametrize(
+    "attack, aggregator",
+    [("sign_flip", "mean"), ("scale", "norm_bound")],
+)
+def test_malicious_clients_poison_their_update_and_skip_norm_bound(tmp_path, attack, aggregator):
+    """A third of the clients attack. Expected: the weighted mean of the honest updates (clipped
+    under norm_bound) and the attackers' poisoned, unclipped ones."""
+    from raysim.attacks import malicious_clients
+
+    cfg = tiny_config(
+        tmp_path, *SETTINGS, f"attack.kind={attack}", "attack.fraction=0.3", "attack.scale=5", f"server.aggregator={aggregator}", "server.norm_bound=0.01"
+    )
+    with Simulation(cfg) as sim:
+        sampled = sim.backend.get(sim.server.sample.remote(1, 7))
+        sim.run_round()
+        got = sim.global_adapter()
+    attackers = set(malicious_clients(cfg.seed, cfg.clients.num, 0.3))
+    assert attackers & set(sampled) and set(sampled) - attackers
+    start, finals, weights, _ = client_results(cfg, sampled)
+    names, deltas = _deltas(start, finals)
+    for i, c in enumerate(sampled):
+        if c in attackers:
+            deltas[i] *= -1.0 if attack == "sign_flip" else 5.0
+        elif aggregator == "norm_bound":
+            deltas[i] *= min(1.0, 0.01 / np.linalg.norm(deltas[i]))
+    update = (np.asarray(weights)[:, None] * deltas).sum(axis=0) / sum(weights)
+    offset = 0
+    for k in names:
+        size = start[k].size
+        np.testing.assert_allclose(got[k], start[k] + 0.5 * update[offset : offset + size].reshape(start[k].shape), rtol=1e-4, atol=1e-6, err_msg=k)
+        offset += size
+
+
+def test_a_backdoor_run_reports_its_success_each_evaluation(tmp_path):
+    cfg = tiny_config(tmp_path, "runtime=local", "rounds=2", "train.local_steps=2", "eval.max_examples=40", "attack.kind=backdoor", "attack.fraction=0.3")
+    with Simulation(cfg) as sim:
+        rows = [sim.run_round() for _ in range(2)]
+        final = sim.evaluate()
+        sim.write_summary(final)
+    assert all(0 <= r["attack_success"] <= 1 for r in rows) and 0 <= final["attack_success"] <= 1
+    assert (tmp_path / "run" / "summary.json").read_text().count("final_attack_success") == 1
