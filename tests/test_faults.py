@@ -29,7 +29,7 @@ LONG = [
     pytest.mark.skipif(not os.environ.get("RAYSIM_LONG"), reason="a variant of a fault tested in the default suite, about 40 s; set RAYSIM_LONG=1"),
 ]
 # The stage cases the default suite runs; the others run with RAYSIM_LONG=1.
-DEFAULT_STAGE_CASES = {(False, "hand_over", False), (True, "secagg_share_keys", True)}
+DEFAULT_STAGE_CASES = {(False, "hand_over", False)}  # test_secagg_runtime kills a SecAgg worker mid-round
 DP = ["privacy.mode=local_dp_sgd", "privacy.noise_multiplier=1.0", "privacy.max_grad_norm=1.0"]
 
 
@@ -306,9 +306,9 @@ def test_raysim_run_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupt
     """A real SIGKILL of the driver: the half-written checkpoint is never used, the run resumes
     from the last complete one to what an uninterrupted run gives, and no Ray process outlives
     either run (Ray's own processes follow a driver that dies)."""
-    settings = ["rounds=3", "checkpoint.every=1", "eval.max_examples=50"]
+    settings = ["rounds=2", "checkpoint.every=1", "eval.max_examples=50", "train.local_steps=2"]
     with Simulation(tiny_config(tmp_path / "whole", *settings)) as sim:
-        whole = [sim.run_round() for _ in range(3)]
+        whole = [sim.run_round() for _ in range(2)]
     out = tmp_path / "run"
     tag = uuid.uuid4().hex
     ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # Ray's socket paths must stay short
@@ -328,4 +328,4 @@ def test_raysim_run_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupt
     assert [(m["round"], m["clients"], m["train_loss"], m["eval_accuracy"]) for m in metrics] == [
         (r["round"], r["clients"], r["train_loss"], r["eval_accuracy"]) for r in whole
     ]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-000002", "round-000003"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-000001", "round-000002"]
