@@ -39,7 +39,7 @@ def _names_a_key(message: str, key: str) -> bool:
     return key in message or head in DEFAULTS or head in SECTIONS or any(k in message for k in KEYS)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(key=st.sampled_from(KEYS), value=values)
 def test_any_value_for_any_key_is_accepted_or_refused_in_one_line(key, value, tmp_path_factory):
     out = tmp_path_factory.mktemp("fuzz") / "run"

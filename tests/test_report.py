@@ -148,8 +148,10 @@ def test_every_shipped_study_file_gives_valid_configs():
     for path in studies:
         base, out, cells = study.load_study(path)
         assert cells and str(out).startswith("studies/"), path
-        for cell in cells:
-            study.load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])
+        first_seed = cells[0].name.split(",")[0] if cells[0].name.startswith("seed=") else None
+        for cell in cells:  # a cell's seed changes no key's validity: one seed's cells are checked
+            if first_seed is None or cell.name.split(",")[0] == first_seed:
+                study.load_config(base, [*cell.overrides, f"output_dir={out / cell.name}"])
 
 
 def test_a_study_with_a_bad_key_stops_before_running_anything(tmp_path, capsys):
