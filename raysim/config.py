@@ -17,6 +17,7 @@ from typing import Any, Optional, Union, cast
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from raysim.privacy import skellam
 from raysim.secagg.encoding import ring_bits
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -30,7 +31,10 @@ SCORES = ("exact", "yes_no", "number", "choice")
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_SPLITS = ("test", "validation")
 WEIGHTINGS = ("examples", "uniform")
-PRIVACY_MODES = ("none", "local_dp_sgd", "central_dp")
+MIN_DDP_RING_BITS = 8
+PRIVACY_MODES = ("none", "local_dp_sgd", "central_dp", "distributed_dp")
+# Modes whose unit of privacy is a client: each clips its whole update, and each counts once.
+USER_LEVEL_MODES = ("central_dp", "distributed_dp")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
@@ -230,7 +234,9 @@ class EvalConfig:
 @dataclass
 class PrivacyConfig:
     # none | local_dp_sgd (each client runs DP-SGD: sample-level DP, the FFA-LoRA paper's setting)
-    # | central_dp (clients clip their update, the server adds noise: user-level DP-FedAvg).
+    # | central_dp (clients clip their update, the server adds noise: user-level DP-FedAvg)
+    # | distributed_dp (clients clip, add their share of Skellam noise and mask it: the server only
+    # ever unmasks a noised sum; needs secagg.enabled, whose ring is then secagg.bits wide).
     mode: str = "none"
     # The budget (epsilon, delta). Give target_epsilon (the noise multiplier is solved from it),
     # or noise_multiplier (epsilon is then only reported; with both, target_epsilon caps spending).
@@ -239,8 +245,13 @@ class PrivacyConfig:
     noise_multiplier: Optional[float] = None
     # local_dp_sgd: per-sample gradient clipping bound (Opacus' max_grad_norm).
     max_grad_norm: Optional[float] = None
-    # central_dp: bound on the L2 norm of each client's whole sent update.
+    # central_dp, distributed_dp: bound on the L2 norm of each client's whole sent update.
     clip_norm: Optional[float] = None
+    # distributed_dp: the fewest senders whose noise shares add up to the planned noise; honest
+    # clients refuse to unmask a round with fewer. 0: the count Poisson sampling falls below in 1%
+    # of rounds (at least 3). Each client adds 1/min_clients of the noise, so more senders than
+    # that add more noise than the budget needs.
+    min_clients: int = 0
     accountant: str = "rdp"
     # local_dp_sgd: how Opacus gets per-sample gradient norms ("hooks" measured faster for LoRA).
     grad_sample_mode: str = "hooks"
@@ -666,8 +677,22 @@ def _validate_privacy(cfg: DictConfig) -> None:
         )
         _check(p.client_rounds >= 0, "privacy.client_rounds", "must be >= 0")
     else:
-        _check(p.clip_norm is not None, "privacy.clip_norm", "central_dp needs a bound on each client's update norm, e.g. 0.1")
+        _check(p.clip_norm is not None, "privacy.clip_norm", f"{p.mode} needs a bound on each client's update norm, e.g. 0.1")
         _check(p.clip_norm > 0, "privacy.clip_norm", "must be > 0")
+    if p.mode == "distributed_dp":
+        _check(cfg.secagg.enabled, "privacy.mode", "distributed_dp adds its noise inside secure aggregation: set secagg.enabled: true")
+        _check(p.accountant == "rdp", "privacy.accountant", "distributed_dp is accounted in RDP (the Skellam mechanism's bound): use rdp")
+        _check(
+            MIN_DDP_RING_BITS <= cfg.secagg.bits <= skellam.MAX_RING_BITS,
+            "secagg.bits",
+            f"with distributed_dp it is the ring's width, from {MIN_DDP_RING_BITS} to {skellam.MAX_RING_BITS} (the Skellam paper uses 12 to 20)",
+        )
+        _check(p.min_clients >= 0, "privacy.min_clients", "must be >= 0 (0: from the sampling)")
+        _check(
+            p.min_clients == 0 or 3 <= p.min_clients <= cfg.clients.num,
+            "privacy.min_clients",
+            f"must be 0 or from 3 to clients.num ({cfg.clients.num})",
+        )
 
 
 def _validate_secagg(cfg: DictConfig) -> None:

@@ -149,6 +149,24 @@ def test_robust_aggregators_are_refused_where_they_cannot_work(overrides, messag
         load_config(CONFIG_DIR / "tiny.yaml", overrides)
 
 
+DDP = ["privacy.mode=distributed_dp", "privacy.target_epsilon=3", "privacy.clip_norm=1"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "^privacy.mode: distributed_dp adds its noise inside secure aggregation: set secagg.enabled: true"),
+        (["secagg.enabled=true", "secagg.bits=40"], "^secagg.bits: with distributed_dp it is the ring's width, from 8 to 32"),
+        (["secagg.enabled=true", "privacy.accountant=prv"], "^privacy.accountant: distributed_dp is accounted in RDP"),
+        (["secagg.enabled=true", "privacy.min_clients=2"], r"^privacy.min_clients: must be 0 or from 3 to clients.num \(10\)"),
+        (["secagg.enabled=true", "privacy.clip_norm=null"], "^privacy.clip_norm: distributed_dp needs a bound on each client's update norm"),
+    ],
+)
+def test_distributed_dp_is_refused_where_it_cannot_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG_DIR / "tiny.yaml", [*DDP, *overrides])
+
+
 def test_norm_bound_runs_under_secure_aggregation():
     cfg = load_config(CONFIG_DIR / "tiny.yaml", ["server.aggregator=norm_bound", "secagg.enabled=true", "server.norm_bound=0.5"])
     assert cfg.server.aggregator == "norm_bound"

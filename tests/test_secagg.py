@@ -150,6 +150,10 @@ def test_clients_refuse_to_unmask_when_fewer_than_t_senders_are_named():
     with pytest.raises(SecAggAborted, match=r"^client 0 refuses to unmask: the server names 2 sender\(s\), fewer than the threshold 3"):
         unmask(secrets[0], publics, {0, 1})
     assert set(unmask(secrets[0], publics, {0, 1, 2})) == {1, 2, 3, 4}
+    # Distributed DP: honest clients also refuse below the senders whose noise shares make the plan.
+    with pytest.raises(SecAggAborted, match=r"^client 0 refuses to unmask: the server names 3 sender\(s\), fewer than the 4 whose noise"):
+        unmask(secrets[0], publics, {0, 1, 2}, min_senders=4)
+    assert set(unmask(secrets[0], publics, {0, 1, 2, 3}, min_senders=4)) == {1, 2, 3, 4}
 
 
 def test_sparse_graph_has_k_neighbours_each():

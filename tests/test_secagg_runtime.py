@@ -169,7 +169,7 @@ def test_the_server_receives_only_masked_sums_and_learns_only_the_survivors_tota
     k = ring_bits(16, 10)
     ((_, *advertised),) = calls["secagg_roster"]
     ((_, *payloads),) = calls["secagg_collect"]
-    ((_, *reveal_batches),) = calls["secagg_aggregate"]
+    ((_, _, *reveal_batches),) = calls["secagg_aggregate"]
     publics = {c: p for batch in advertised for c, p in batch.items()}
     reveals = {c: r for batch in reveal_batches for c, r in batch.items()}
     assert len(payloads) == cfg.worker.count  # one masked sum per worker, never one per client
@@ -241,7 +241,7 @@ def test_a_worker_killed_mid_round_drops_its_clients_and_the_others_sum_is_recov
 class AlteringServer(Server):
     """Changes one share of the lowest sender's self-mask seed (one of the t it rebuilds from)."""
 
-    def secagg_aggregate(self, round_idx, *reveals):
+    def secagg_aggregate(self, round_idx, skellam, *reveals):
         merged = {c: dict(r) for batch in reveals for c, r in batch.items()}
         target = min(self._secagg_round["senders"])
         holder = min(c for c, r in merged.items() if target in r)
@@ -249,7 +249,7 @@ class AlteringServer(Server):
         changed = share.copy()
         changed[4] = (changed[4] + 1) % shamir.PRIME
         merged[holder][target] = (kind, changed)
-        return super().secagg_aggregate(round_idx, merged)
+        return super().secagg_aggregate(round_idx, skellam, merged)
 
 
 class ShortListServer(Server):

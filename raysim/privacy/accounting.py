@@ -79,3 +79,44 @@ def solve_noise_multiplier(target_epsilon: float, delta: float, sample_rate: flo
     if not math.isfinite(sigma):
         raise ValueError("The privacy budget is too low.")
     return float(sigma)
+
+
+# Orders 2, 3, ...: where Zhu & Wang's bound for a Poisson-subsampled mechanism holds.
+INTEGER_ORDERS_FROM_2 = list(range(2, 64))
+
+
+def poisson_subsampled_rdp(sample_rate: float, rdp: np.ndarray) -> np.ndarray:
+    """The RDP at orders 2, 3, ... of a mechanism run on a Poisson sample at ``sample_rate``, from
+    its RDP ``rdp`` at the same orders: the general upper bound of Zhu & Wang (ICML 2019,
+    Theorem 6), which holds for any mechanism, not only the Gaussian:
+
+        (1/(a-1)) log[(1-q)^(a-1) (a q - q + 1) + C(a,2) q^2 (1-q)^(a-2) e^eps(2)
+                      + 3 sum_{j=3..a} C(a,j) q^j (1-q)^(a-j) e^((j-1) eps(j))]
+
+    Computed in log space: e^((j-1) eps(j)) overflows a float for the orders that matter."""
+    rdp = np.asarray(rdp, dtype=np.float64)
+    q = float(sample_rate)
+    if q >= 1.0:
+        return rdp.copy()
+    log_q, log_1q = math.log(q), math.log1p(-q)
+    out = np.empty_like(rdp)
+    for i in range(len(rdp)):
+        a = i + 2
+        terms = [(a - 1) * log_1q + math.log(a * q - q + 1), _log_comb(a, 2) + 2 * log_q + (a - 2) * log_1q + rdp[0]]
+        terms += [math.log(3) + _log_comb(a, j) + j * log_q + (a - j) * log_1q + (j - 1) * rdp[j - 2] for j in range(3, a + 1)]
+        out[i] = float(np.logaddexp.reduce(terms)) / (a - 1)
+    return out
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
+    """(epsilon for ``delta``) of a composition whose RDP at orders 2, 3, ... is ``rdp``: Opacus'
+    conversion (Balle et al. 2020), the one the other privacy modes report."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    with _quiet():
+        eps, _ = rdp_analysis.get_privacy_spent(orders=INTEGER_ORDERS_FROM_2, rdp=np.asarray(rdp), delta=delta)
+    return float(eps)

@@ -74,12 +74,26 @@ def check_context(cfg: DictConfig) -> None:
 def plan_privacy(cfg: DictConfig, client_sizes: list[int]) -> PrivacyBudget:
     """Solve the noise for the privacy target up front: an unreachable target fails here."""
     try:
-        return PrivacyBudget(cfg.privacy, client_sizes, cfg.rounds, cfg.train.local_steps, cfg.train.batch_size, cfg.clients.per_round)
+        return PrivacyBudget(
+            cfg.privacy, client_sizes, cfg.rounds, cfg.train.local_steps, cfg.train.batch_size, cfg.clients.per_round, cfg.secagg
+        )
     except ValueError as err:
-        raise ConfigError(
-            f"privacy.target_epsilon: {cfg.privacy.target_epsilon:g} cannot be reached at delta={cfg.privacy.target_delta:g} "
-            f"for {cfg.rounds} rounds ({err}); raise it, or use fewer rounds or privacy.client_rounds"
-        ) from None
+        raise _unreachable(cfg, err) from None
+
+
+def fit_privacy(cfg: DictConfig, budget: PrivacyBudget, values: int) -> None:
+    """Distributed DP's plan, once the size of a client's message is known."""
+    try:
+        budget.fit_message(values)
+    except ValueError as err:
+        raise _unreachable(cfg, err) from None
+
+
+def _unreachable(cfg: DictConfig, err: ValueError) -> ConfigError:
+    return ConfigError(
+        f"privacy.target_epsilon: {cfg.privacy.target_epsilon:g} cannot be reached at delta={cfg.privacy.target_delta:g} "
+        f"for {cfg.rounds} rounds ({err}); raise it, or use fewer rounds or privacy.client_rounds"
+    )
 
 
 def check_adapters(sim: Simulation) -> None:
@@ -107,19 +121,22 @@ def robust_rule(cfg: DictConfig) -> RobustRule | None:
 
 
 def server_settings(cfg: DictConfig, budget: PrivacyBudget) -> tuple[dict | None, dict | None]:
-    """(central DP settings, secure aggregation settings) for the Server, or None each."""
+    """(central DP settings, secure aggregation settings) for the Server, or None each. Under
+    distributed DP the ring is secagg.bits wide, and clients are sampled as under central DP."""
     central_dp = None
     if budget.mode == "central_dp":
         central_dp = {"noise_multiplier": budget.noise_multiplier, "clip_norm": budget.clip_norm, "sample_rate": budget.sample_rate}
     secagg = None
     if cfg.secagg.enabled:
         s = cfg.secagg
+        distributed = budget.mode == "distributed_dp"
         secagg = {
             "neighbors": None if s.neighbors == "all" else int(s.neighbors),
             "threshold": int(s.threshold),
             "clip_range": float(s.clip_range),
             "bits": int(s.bits),
-            "ring_bits": ring_bits(s.bits, cfg.clients.num),
+            "ring_bits": int(s.bits) if distributed else ring_bits(s.bits, cfg.clients.num),
+            "sample_rate": budget.sample_rate if distributed else None,
         }
     return central_dp, secagg
 

@@ -31,13 +31,13 @@ from raysim.methods.protocol import Aggregation, ClientUpdate, Message
 from raysim.attacks import UPDATE_ATTACKS, malicious_clients
 from raysim.attacks.updates import poisoned_update
 from raysim.client_rank import ClientRank
-from raysim.config import PER_UPDATE_AGGREGATORS
+from raysim.config import PER_UPDATE_AGGREGATORS, USER_LEVEL_MODES
 from raysim.model import MERGED_BASE_FILE, adapted_base_weights, adapter_state, base_model_name, build_model, frozen_lora_a, quiet_load, trainable_parameters
 from raysim.privacy.budget import ClientPrivacy
 from raysim.privacy.central_dp import clip_update
 from raysim.runtime.host_secagg import SecAggClients
 from raysim.secagg.encoding import ring_mask
-from raysim.runtime.messages import LocalDPPlan, MaskedPayload, TrainSettings, WorkerPayload, WorkerReady, WorkerReport
+from raysim.runtime.messages import LocalDPPlan, MaskedPayload, SecAggEncoding, TrainSettings, WorkerPayload, WorkerReady, WorkerReport
 from raysim.training import (
     ClientData,
     ClientState,
@@ -54,6 +54,7 @@ from raysim.training import (
 )
 
 _DP_NOISE_STREAM = 0x4E
+PLAIN_ENCODING = SecAggEncoding()  # secure aggregation without distributed DP
 
 
 def _as_client_data(table: pa.Table) -> ClientData:
@@ -298,7 +299,7 @@ class ClientHost(SecAggClients):
         round_idx: int,
         train: TrainSettings,
         inbox: dict | None = None,
-        weight_scale: float = 1.0,
+        encoding: SecAggEncoding = PLAIN_ENCODING,
         *arrivals: dict[int, dict],
     ) -> tuple[WorkerReport, WorkerPayload | MaskedPayload, dict[int, dict]]:
         """Train each client from the global adapter, turn its trained tensors into its method's
@@ -308,9 +309,8 @@ class ClientHost(SecAggClients):
         here).
 
         With secure aggregation, ``inbox`` holds the encrypted shares each client received, and the
-        partial sum is the sum of the clients' masked inputs mod 2^k (weights divided by
-        ``weight_scale``, the largest client's, so they lie in (0, 1]); clients that drop before
-        sending are not trained."""
+        partial sum is the sum of the clients' masked inputs mod 2^k, encoded as ``encoding``
+        says; clients that drop before sending are not trained."""
         start = time.perf_counter()
         for states in arrivals:
             self.import_states(states)
@@ -318,7 +318,8 @@ class ClientHost(SecAggClients):
         optimizer = self.dp.optimizer if self.dp else self.optimizer
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr
-        central = self.privacy.mode == "central_dp"
+        # Central and distributed DP bound each client's contribution, so each counts once (DP-FedAvg).
+        central = self.privacy.mode in USER_LEVEL_MODES
         per_client = self.method.aggregation is Aggregation.PER_CLIENT
         # server.aggregator: a per-update rule needs each client's update; norm_bound (Sun et al.
         # 2019) is applied here, by each client to its own update, before the sum or SecAgg.
@@ -341,7 +342,6 @@ class ClientHost(SecAggClients):
             steps_s += seconds
             trained.append(cid)
             loss_sum += loss
-            # Central DP bounds each client's contribution, so each counts once (DP-FedAvg).
             weight = float(len(data)) if train_cfg.weighting == "examples" and not central else 1.0
             weight_total += weight
             with torch.no_grad():
@@ -362,7 +362,7 @@ class ClientHost(SecAggClients):
                     summable, _ = clip_update(summable, self.privacy.clip_norm)
                 sent_bytes += message.size()
                 if secure:
-                    y, n_clipped = self._masked_input(cid, round_idx, summable, weight / weight_scale)
+                    y, n_clipped = self._masked_input(cid, round_idx, summable, weight, encoding)
                     with np.errstate(over="ignore"):
                         masked = (masked + y) & ring_mask(self.ring_bits)
                     clipped += n_clipped

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysim.runtime.messages import SecAggRoster
+from raysim.privacy import skellam
+from raysim.runtime.messages import SecAggEncoding, SecAggRoster
 from raysim.secagg.encoding import encode_update, ring_bits
 from raysim.secagg.protocol import ClientRound, advertise, dropout_stage, masked_input, share_keys, unmask
 
@@ -22,7 +23,11 @@ class SecAggClients:
     cfg: Any
 
     def init_secagg(self) -> None:
-        self.ring_bits = ring_bits(self.cfg.secagg.bits, self.cfg.clients.num) if self.cfg.secagg.enabled else 0
+        s = self.cfg.secagg
+        # Distributed DP's integers live in the ring secagg.bits wide (they may wrap: see raysim.privacy.skellam).
+        distributed = self.cfg.privacy.mode == "distributed_dp"
+        self.ring_bits = (s.bits if distributed else ring_bits(s.bits, self.cfg.clients.num)) if s.enabled else 0
+        self.min_senders = 0  # distributed DP: the senders its noise was planned for (from the first round's encoding)
         self.secagg_round: dict[int, ClientRound] = {}  # this round's secrets of this worker's clients
         self.secagg_publics: dict[int, dict] = {}
 
@@ -39,11 +44,19 @@ class SecAggClients:
             senders.append(cid)
         return senders
 
-    def _masked_input(self, cid: int, round_idx: int, delta: dict[str, torch.Tensor], weight: float) -> tuple[np.ndarray, int]:
-        """A client's update, weighted, encoded into the ring and masked: what it would send."""
+    def _masked_input(self, cid: int, round_idx: int, delta: dict[str, torch.Tensor], weight: float, encoding: SecAggEncoding) -> tuple[np.ndarray, int]:
+        """A client's update, encoded into the ring and masked: what it would send; and how many
+        of its values the fixed-point encoding clipped. Under distributed DP: rotated, rounded and
+        noised (its noise share drawn from (seed, round, client))."""
         flat = torch.cat([delta[k].reshape(-1) for k in sorted(delta)]).cpu().double().numpy()
         rng = np.random.default_rng([self.cfg.seed, round_idx, cid, _ROUNDING_STREAM])
-        encoded, clipped = encode_update(flat, weight, self.cfg.secagg.clip_range, self.cfg.secagg.bits, rng)
+        plan = encoding.skellam
+        if plan is not None:
+            self.min_senders = plan.min_clients
+            encoded = skellam.encode(flat, plan, skellam.rotation_signs(plan.padded, self.cfg.seed, round_idx), rng)
+            clipped = 0
+        else:
+            encoded, clipped = encode_update(flat, weight / encoding.weight_scale, self.cfg.secagg.clip_range, self.cfg.secagg.bits, rng)
         return masked_input(self.secagg_round[cid], encoded, self.secagg_publics, self.ring_bits), clipped
 
     def secagg_advertise(self, round_idx: int, client_ids: list[int]) -> dict[int, dict]:
@@ -68,7 +81,7 @@ class SecAggClients:
         still there; then the round's secrets are forgotten. (responders, {client: reveals})."""
         sent = set(senders)
         out = {
-            cid: unmask(secrets, self.secagg_publics, sent)
+            cid: unmask(secrets, self.secagg_publics, sent, self.min_senders)
             for cid, secrets in self.secagg_round.items()
             if secrets.round_idx == round_idx and cid in sent and dropout_stage(self.cfg.seed, round_idx, cid, self.cfg.secagg.dropout_rate) is None
         }

@@ -10,6 +10,7 @@ import numpy as np
 
 from raysim.methods.protocol import Message
 from raysim.privacy.budget import ClientPrivacy
+from raysim.privacy.skellam import SkellamPlan
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,16 @@ class TrainSettings:
     local_steps: int
     batch_size: int
     weighting: str
+
+
+@dataclass(frozen=True)
+class SecAggEncoding:
+    """How clients put their update into the secure sum: fixed-point values with the weights
+    divided by ``weight_scale`` (the largest client's, so that they lie in (0, 1]), or, under
+    distributed DP, the Skellam mechanism of ``skellam`` (unit weights)."""
+
+    weight_scale: float = 1.0
+    skellam: SkellamPlan | None = None
 
 
 @dataclass

@@ -8,7 +8,8 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from raysim.runtime.messages import ServerReport, TrainSettings, WorkerReport
+from raysim.config import USER_LEVEL_MODES
+from raysim.runtime.messages import SecAggEncoding, ServerReport, TrainSettings, WorkerReport
 from raysim.runtime.rounds import gather, keep_method_states
 from raysim.secagg.protocol import SecAggAborted
 
@@ -23,8 +24,9 @@ def secure_round(
 ) -> tuple[list[WorkerReport], ServerReport, dict[str, Any]]:
     """(worker reports, server report, the secagg columns of the metrics row)."""
     server, workers, get = sim.server, sim.workers, sim.backend.get
-    examples = train.weighting == "examples" and sim.budget.mode != "central_dp"
-    weight_scale = float(max(sim.client_sizes)) if examples else 1.0
+    examples = train.weighting == "examples" and sim.budget.mode not in USER_LEVEL_MODES
+    skellam = sim.budget.skellam if sim.budget.mode == "distributed_dp" else None
+    encoding = SecAggEncoding(weight_scale=float(max(sim.client_sizes)) if examples else 1.0, skellam=skellam)
     reports: list[WorkerReport] = []
     try:
         advertised = gather(
@@ -39,7 +41,7 @@ def secure_round(
         inboxes = server.secagg_route.options(num_returns=len(alive)).remote(round_idx, groups, *(ref for _, ref in shared.values()))
         inboxes = inboxes if len(alive) > 1 else [inboxes]
         calls = {
-            w: workers[w].train_clients.remote(global_ref, by_worker[w], round_idx, train, inbox, weight_scale, *arrivals.get(w, []))
+            w: workers[w].train_clients.remote(global_ref, by_worker[w], round_idx, train, inbox, encoding, *arrivals.get(w, []))
             for w, inbox in zip(alive, inboxes)
         }
         trained = gather(sim, round_idx, calls, by_worker, "training")
@@ -47,7 +49,7 @@ def secure_round(
         reports = [report for report, *_ in trained.values()]
         senders = get(server.secagg_collect.remote(round_idx, *(ref for _, ref, _ in trained.values())))
         revealed = gather(sim, round_idx, {w: workers[w].secagg_unmask.remote(round_idx, senders) for w in trained}, by_worker, "unmasking")
-        server_report = get(server.secagg_aggregate.remote(round_idx, *(ref for _, ref in revealed.values())))
+        server_report = get(server.secagg_aggregate.remote(round_idx, skellam, *(ref for _, ref in revealed.values())))
         aborted, aggregated = "", len(senders)
     except SecAggAborted as reason:
         # Raised in the server actor, it arrives as Ray's task error, which carries it as its cause.
@@ -56,8 +58,13 @@ def secure_round(
         server_report = ServerReport(aggregation_error=math.nan, uplink_bytes=get(server.secagg_abort.remote(round_idx)))
     sent_values = sum(len(r.clients) for r in reports) * sim.sent_values_per_client
     clipped = sum(r.secagg_clipped for r in reports)
-    return reports, server_report, {
+    columns = {
         "aggregated": aggregated,
         "secagg_aborted": bool(aborted),
         "secagg_clipped": clipped / sent_values if sent_values else 0.0,
     }
+    if skellam is not None:
+        # The noise each coordinate of the released mean carried: more senders than the floor, more noise.
+        noise = skellam.noise_std * math.sqrt(aggregated / skellam.min_clients) / (skellam.sample_rate * sim.cfg.clients.num)
+        columns["ddp_noise_std"] = noise if aggregated else math.nan
+    return reports, server_report, columns

@@ -21,6 +21,7 @@ import numpy as np
 from raysim.methods.common import relative_aggregation_error, sketch_matrix
 from raysim.methods.protocol import Aggregation, Method, RoundInput, ServerState
 from raysim.privacy.central_dp import noisy_mean, poisson_clients
+from raysim.privacy.skellam import SkellamPlan, decode_sum, rotation_signs
 from raysim.robust import RobustRule
 from raysim.runtime.messages import MaskedPayload, SecAggRoster, ServerReport, WorkerPayload
 from raysim.secagg.encoding import decode_update_sum, ring_mask
@@ -58,7 +59,8 @@ class Server:
         robust: RobustRule | None = None,
     ):
         """``central_dp``: {noise_multiplier, clip_norm, sample_rate} for DP-FedAvg, or None.
-        ``secagg``: {neighbors (int or None for all), threshold, clip_range, bits, ring_bits}, or None.
+        ``secagg``: {neighbors (int or None for all), threshold, clip_range, bits, ring_bits,
+        sample_rate (distributed DP's Poisson sampling, else None)}, or None.
         ``sketch_columns``: of the aggregation-error sketch (0: exact products). ``put``: the
         object store's put (Ray's in an actor); None keeps the broadcast as it is. ``robust``: the
         rule that combines each client's update in place of the weighted mean, or None."""
@@ -94,10 +96,12 @@ class Server:
 
     def sample(self, round_idx: int, per_round: int, excluded: list[int] | tuple = ()) -> list[int]:
         """Clients for this round, drawn from (seed, round) alone: ``per_round`` of the clients not
-        ``excluded`` without replacement, or under central DP each client with probability q."""
+        ``excluded`` without replacement, or under central or distributed DP each client with
+        probability q."""
         rng = np.random.default_rng([self.seed, round_idx, _SAMPLING_STREAM])
-        if self.central_dp:
-            return poisson_clients(rng, self.num_clients, self.central_dp["sample_rate"])
+        poisson_rate = (self.central_dp or self.secagg or {}).get("sample_rate")
+        if poisson_rate is not None:
+            return poisson_clients(rng, self.num_clients, poisson_rate)
         eligible = np.setdiff1d(np.arange(self.num_clients), np.asarray(excluded, dtype=np.int64))
         chosen = rng.choice(eligible, size=min(per_round, len(eligible)), replace=False)
         return sorted(int(c) for c in chosen)
@@ -239,16 +243,26 @@ class Server:
         r["bytes"] += len(senders) * -(-len(r["masked"]) * k // 8)  # each client's y_u, packed in k bits
         return senders
 
-    def secagg_aggregate(self, round_idx: int, *reveals: dict[int, dict]) -> ServerReport:
-        """Remove the masks with the revealed shares, decode the sum, and update the global adapter."""
+    def secagg_aggregate(self, round_idx: int, skellam: SkellamPlan | None, *reveals: dict[int, dict]) -> ServerReport:
+        """Remove the masks with the revealed shares, decode the sum, and update the global adapter.
+        Under distributed DP (``skellam``, the run's plan) the sum is already noised: the server
+        only decodes it and divides by the expected number of clients, as central DP does."""
         r = self._round(round_idx)
         merged = {c: shares for batch in reveals for c, shares in batch.items()}
         r["bytes"] += _REVEAL_BYTES * sum(len(shares) for shares in merged.values())
         cfg = self._secagg_settings()
         total = unmasked_sum(r["masked"], r["senders"], merged, r["publics"], r["graph"], r["threshold"], round_idx, cfg["ring_bits"])
-        values, weight_total = decode_update_sum(total, len(r["senders"]), cfg["clip_range"], cfg["bits"])
-        summed = unflatten(values, self.method.message_template(self.state))
-        self._apply(RoundInput(round_idx, self._mean(round_idx, summed, weight_total), weight_total))
+        template = self.method.message_template(self.state)
+        if skellam is not None:
+            signs = rotation_signs(skellam.padded, self.seed, round_idx)
+            summed = unflatten(decode_sum(total, skellam, signs), template)
+            expected_clients = skellam.sample_rate * self.num_clients
+            mean = {k: (v / expected_clients).astype(v.dtype) for k, v in summed.items()}
+            weight_total = float(len(r["senders"]))
+        else:
+            values, weight_total = decode_update_sum(total, len(r["senders"]), cfg["clip_range"], cfg["bits"])
+            mean = self._mean(round_idx, unflatten(values, template), weight_total)
+        self._apply(RoundInput(round_idx, mean, weight_total))
         self._secagg_round = {}
         return ServerReport(aggregation_error=float("nan"), uplink_bytes=r["bytes"])
 
@@ -271,6 +285,10 @@ class Server:
 
     def global_state(self) -> dict:
         return self.state.adapter
+
+    def summed_values(self) -> int:
+        """How many values each client's summed message has: what secure aggregation carries."""
+        return int(sum(v.size for v in self.method.message_template(self.state).values()))
 
     def frozen_state(self) -> dict:
         """The tensors every client keeps frozen, which every worker's model holds."""

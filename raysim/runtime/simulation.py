@@ -144,6 +144,7 @@ class Simulation:
                 self._checkpointed_round = self.round
                 self._write_metrics()
                 log.info("resumed from %s at round %d", self.resumed_from, self.round)
+            bootstrap.fit_privacy(self.cfg, self.budget, self.backend.get(self.server.summed_values.remote()))
             frozen = self.backend.get(self.server.frozen_state.remote())
             self._frozen_ref = self.backend.put(frozen)  # a restarted worker installs them again
             self.backend.get([worker.install.remote(self._frozen_ref) for worker in self.workers])
@@ -187,7 +188,16 @@ class Simulation:
                 log.info(hint)
         if self.budget.enabled:
             log.info("privacy: %s", self.budget.describe())
-        if self.secure:
+        if self.secure and self.budget.mode == "distributed_dp":
+            s = self.cfg.secagg
+            log.info(
+                "secure aggregation: SecAgg+ with %s neighbours, threshold %s, in a %d-bit ring carrying the Skellam mechanism's integers%s",
+                s.neighbors,
+                s.threshold or "a majority",
+                s.bits,
+                f", {s.dropout_rate:.0%} of clients drop mid-protocol" if s.dropout_rate else "",
+            )
+        elif self.secure:
             s = self.cfg.secagg
             log.info(
                 "secure aggregation: SecAgg+ with %s neighbours, threshold %s, values clipped to +-%g and quantized to %d bits in a %d-bit ring%s",

@@ -10,7 +10,8 @@ the sparse neighbour graph of Bell et al., CCS 2020).
    from key agreement with neighbour v and PRG is the ChaCha20 keystream.
 4. ``unmask``: each survivor reveals, per neighbour, the self-mask share if that neighbour's y
    arrived or the masking-key share if it did not, never both; it refuses to reveal anything when
-   the server names fewer than t senders (Bonawitz et al., round 4).
+   the server names fewer than t senders (Bonawitz et al., round 4), or, under distributed DP,
+   fewer than the senders the noise was planned for.
 5. ``unmasked_sum``: the server removes the self-masks of the senders and the pairwise masks
    that dropped clients left in their neighbours' inputs, and gets the sum mod 2^k, or aborts if
    some secret has fewer than t shares, or if a rebuilt secret is not the one its client
@@ -162,13 +163,19 @@ def masked_input(secrets: ClientRound, encoded: np.ndarray, publics: dict[int, d
     return y & ring_mask(k)
 
 
-def unmask(secrets: ClientRound, publics: dict[int, dict], sent: set[int]) -> dict[int, tuple[str, np.ndarray]]:
+def unmask(secrets: ClientRound, publics: dict[int, dict], sent: set[int], min_senders: int = 0) -> dict[int, tuple[str, np.ndarray]]:
     """For each neighbour whose shares this client holds: its self-mask share if its input arrived,
     else its masking-key share. Never both for one neighbour. With fewer than t senders named,
-    nothing: the masked inputs of so few could not stay hidden in their sum."""
+    nothing: the masked inputs of so few could not stay hidden in their sum. Nor with fewer than
+    ``min_senders``: under distributed DP, the senders whose noise shares make the planned noise."""
     if len(sent) < secrets.threshold:
         raise SecAggAborted(
             f"client {secrets.client} refuses to unmask: the server names {len(sent)} sender(s), fewer than the threshold {secrets.threshold}"
+        )
+    if len(sent) < min_senders:
+        raise SecAggAborted(
+            f"client {secrets.client} refuses to unmask: the server names {len(sent)} sender(s), fewer than the {min_senders} "
+            "whose noise shares make the planned distributed DP noise"
         )
     out = {}
     for u, ciphertext in secrets.received.items():

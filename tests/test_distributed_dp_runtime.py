@@ -1,0 +1,100 @@
+"""privacy.mode=distributed_dp through the runtime (in process, runtime=local): the round's update
+against the clients' clipped updates trained here one by one, its noise against the plan, the
+reported epsilon, the noise floor the clients enforce, and resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from safetensors.numpy import load_file
+
+from raysim import Simulation
+from raysim.cli import main
+from raysim.config import CONFIG_DIR
+from raysim.privacy import skellam
+from raysim.privacy.budget import PrivacyBudget
+from raysim.state_codec import decode, encode
+
+from conftest import client_results, tiny_config
+
+DDP = [
+    "runtime=local",
+    "privacy.mode=distributed_dp",
+    "privacy.target_epsilon=3",
+    "privacy.clip_norm=0.1",
+    "secagg.enabled=true",
+    "clients.num=40",
+    "clients.per_round=10",
+    "train.local_steps=3",
+    "eval.max_examples=20",
+    "server.lr=0.5",
+]
+
+
+def test_one_round_is_the_clipped_sum_plus_skellam_noise_of_the_planned_size(tmp_path):
+    cfg = tiny_config(tmp_path, *DDP, "rounds=1")
+    with Simulation(cfg) as sim:
+        sampled = sim.backend.get(sim.server.sample.remote(1, 10))
+        row = sim.run_round()
+        got, plan = sim.global_adapter(), sim.budget.skellam
+        summary = json.loads(sim.write_summary(sim.evaluate()).read_text())["privacy"]
+    assert row["clients"] == len(sampled) >= plan.min_clients and not row["secagg_aborted"]
+    start, finals, _, _ = client_results(cfg, sampled)
+    names = sorted(start)
+    deltas = np.stack([np.concatenate([(f[k].astype(np.float64) - start[k]).reshape(-1) for k in names]) for f in finals])
+    norms = np.linalg.norm(deltas, axis=1, keepdims=True)
+    assert norms.min() > 0.1  # the clip binds for every client
+    clipped_sum = (deltas * np.minimum(1.0, 0.1 / norms)).sum(axis=0)
+    # global = start + server.lr x (sum + noise) / (q N): the fixed denominator of DP-FedAvg.
+    moved = np.concatenate([(got[k].astype(np.float64) - start[k]).reshape(-1) for k in names])
+    residual = moved / 0.5 * (plan.sample_rate * 40) - clipped_sum
+    planned = 2 * plan.mu * len(sampled) / plan.min_clients / plan.scale**2  # rounding adds < n/4 / gamma^2: 1e-7 of it
+    assert residual.size == plan.dim and plan.padded == 1 << math.ceil(math.log2(plan.dim))
+    assert abs(residual.var() / planned - 1) < 0.15  # over ~2,000 values: 4 standard errors
+    assert abs(residual.mean()) < 4 * math.sqrt(planned / residual.size)
+    assert row["ddp_noise_std"] == pytest.approx(math.sqrt(planned) / (plan.sample_rate * 40))
+    assert row["epsilon"] == pytest.approx(skellam.epsilon(plan, 1, 1e-5), rel=1e-12)
+    assert summary["mode"] == "distributed_dp" and summary["noise_multiplier"] == pytest.approx(plan.noise_multiplier)
+    assert summary["gaussian_equivalent_epsilon"] < summary["epsilon"]  # the general subsampling bound is looser
+
+
+def test_clients_do_not_unmask_a_round_with_fewer_senders_than_the_noise_needs(tmp_path, caplog):
+    cfg = tiny_config(tmp_path, *DDP, "rounds=1", "privacy.min_clients=40")
+    with Simulation(cfg) as sim:
+        before = {k: v.copy() for k, v in sim.global_adapter().items()}
+        row = sim.run_round()
+        after = sim.global_adapter()
+    assert row["secagg_aborted"] and row["clients"] == 0
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert "fewer than the 40 whose noise shares make the planned distributed DP noise" in caplog.text
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    tiny = str(CONFIG_DIR / "tiny.yaml")
+    # A fixed noise multiplier: a plan for a target epsilon depends on the rounds planned.
+    common = [*DDP, "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0", "checkpoint.every=1"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(["run", tiny, f"output_dir={whole}", "rounds=2", *common, "--quiet"]) == 0
+    assert main(["run", tiny, f"output_dir={part}", "rounds=1", *common, "--quiet"]) == 0
+    assert main(["run", tiny, f"resume={part}", "rounds=2", *common, "--quiet"]) == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, part))
+    assert a["privacy"] == b["privacy"] and a["privacy"]["rounds_noised"] == 2
+    assert a["final_eval_accuracy"] == b["final_eval_accuracy"] and a["final_eval_loss"] == b["final_eval_loss"]
+    x, y = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (whole, part))
+    assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_a_checkpointed_budget_keeps_its_plan_through_json(tmp_path):
+    """A resumed run keeps the noise it promised, even where a new plan would differ (more rounds)."""
+    cfg = tiny_config(tmp_path, *DDP)
+    budget = PrivacyBudget(cfg.privacy, [80] * 40, rounds=3, local_steps=3, batch_size=16, per_round=10, secagg=cfg.secagg)
+    budget.fit_message(2253)
+    budget.record_round({})
+    tree, arrays = encode(budget.state_dict())
+    saved = decode(json.loads(json.dumps(tree)), arrays)  # as a checkpoint writes and reads it
+    longer = PrivacyBudget(cfg.privacy, [80] * 40, rounds=30, local_steps=3, batch_size=16, per_round=10, secagg=cfg.secagg)
+    longer.load_state_dict(saved)
+    longer.fit_message(2253)
+    assert longer.skellam == budget.skellam and longer.epsilon == budget.epsilon > 0

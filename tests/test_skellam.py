@@ -1,0 +1,185 @@
+"""Distributed DP's math (raysim.privacy.skellam, the subsampling bound in accounting): each piece
+against an independent computation: scipy's Hadamard matrix and Skellam distribution, Opacus'
+accountant for the Gaussian, a numpy replay of the composition, and a statistical test of the
+decoded sum's noise over many draws."""
+
+import math
+
+import numpy as np
+import pytest
+from opacus.accountants.analysis import rdp as opacus_rdp
+from scipy.linalg import hadamard as hadamard_matrix
+from scipy.special import logsumexp
+from scipy.stats import skellam as skellam_dist
+
+from raysim.privacy import skellam
+from raysim.privacy.accounting import INTEGER_ORDERS_FROM_2, poisson_subsampled_rdp, rdp_epsilon
+from raysim.secagg.encoding import ring_mask
+
+ORDERS = np.array(INTEGER_ORDERS_FROM_2)
+
+
+def test_hadamard_is_scipys_matrix_normalised_and_its_own_inverse():
+    x = np.random.default_rng(0).normal(size=64)
+    np.testing.assert_allclose(skellam.hadamard(x), hadamard_matrix(64) @ x / 8, atol=1e-12)
+    np.testing.assert_allclose(skellam.hadamard(skellam.hadamard(x)), x, atol=1e-12)
+
+
+def test_rotation_keeps_the_norm_spreads_a_spike_and_comes_back():
+    signs = skellam.rotation_signs(1024, seed=3, round_idx=2)
+    x = np.zeros(1000)
+    x[7] = 5.0
+    y = skellam.rotate(x, signs)
+    assert len(y) == 1024 and math.isclose(np.linalg.norm(y), 5.0)
+    np.testing.assert_allclose(np.abs(y), 5.0 / 32)  # every coordinate gets an equal share
+    np.testing.assert_allclose(skellam.unrotate(y, signs, 1000), x, atol=1e-12)
+    assert not np.array_equal(signs, skellam.rotation_signs(1024, seed=3, round_idx=3))
+
+
+def test_conditional_rounding_is_unbiased_and_within_its_bound():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=256) * 3
+    bound = skellam.l2_bound(float(np.linalg.norm(x)), 256, skellam.DEFAULT_BETA)
+    draws = np.stack([skellam.conditional_round(x, bound, rng) for _ in range(400)])
+    assert (np.linalg.norm(draws, axis=1) <= bound).all()
+    assert np.abs(draws.mean(axis=0) - x).max() < 0.15  # 400 draws of a value off by at most 1
+
+
+def test_plain_randomized_rounding_meets_the_bound_with_probability_one_minus_beta():
+    # The bound's claim (Kairouz, Liu, Steinke 2021): a first draw is within it w.p. >= 1 - beta.
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-0.5, 0.5, size=4096) * 4
+    bound = skellam.l2_bound(float(np.linalg.norm(x)), 4096, skellam.DEFAULT_BETA)
+    low = np.floor(x)
+    within = [np.linalg.norm(low + (rng.random(x.shape) < x - low)) <= bound for _ in range(500)]
+    assert np.mean(within) >= 1 - skellam.DEFAULT_BETA - 0.05
+
+
+def _exact_skellam_rdp(alpha, shift, mu):
+    """The Renyi divergence of Sk(mu, mu) shifted by an integer from Sk(mu, mu), summed over the support."""
+    k = np.arange(-int(40 * math.sqrt(mu) + 50 * shift + 200), int(40 * math.sqrt(mu) + 50 * shift + 200))
+    lp, lq = skellam_dist.logpmf(k - shift, mu, mu), skellam_dist.logpmf(k, mu, mu)
+    ok = np.isfinite(lp) & np.isfinite(lq)
+    return float(logsumexp(alpha * lp[ok] + (1 - alpha) * lq[ok]) / (alpha - 1))
+
+
+@pytest.mark.parametrize("mu", [2.0, 10.0, 1000.0])
+@pytest.mark.parametrize("shift", [1, 3])
+def test_the_skellam_bound_holds_for_the_exact_divergence_and_is_tight_for_large_noise(mu, shift):
+    orders = np.array([2, 5, 20])
+    bound = skellam.skellam_rdp(orders, shift, shift, mu)
+    exact = np.array([_exact_skellam_rdp(a, shift, mu) for a in orders])
+    assert (bound >= exact * (1 - 1e-9)).all()
+    if mu >= 1000:
+        np.testing.assert_allclose(bound, exact, rtol=0.005)
+        np.testing.assert_allclose(bound, orders * shift**2 / (2 * 2 * mu), rtol=0.005)  # the Gaussian's at variance 2 mu
+
+
+def test_a_vector_shift_is_bounded_by_its_l2_and_l1_norms():
+    shift, mu = [2, 1, 1], 8.0  # coordinates independent: the exact divergence is the sum of theirs
+    exact = sum(_exact_skellam_rdp(4, s, mu) for s in shift)
+    assert skellam.skellam_rdp(np.array([4]), math.sqrt(6), 4, mu)[0] >= exact
+
+
+def _exact_subsampled_rdp(alpha, shift, mu, q):
+    """Both directions of the divergence between (1 - q) P + q P_shift and P, P = Sk(mu, mu), in log space."""
+    k = np.arange(-400, 400 + shift)
+    lp, lp_shift = skellam_dist.logpmf(k, mu, mu), skellam_dist.logpmf(k - shift, mu, mu)
+    ok = np.isfinite(lp) & np.isfinite(lp_shift)
+    lp, lmix = lp[ok], np.logaddexp(math.log(1 - q) + lp[ok], math.log(q) + lp_shift[ok])
+    forward = logsumexp(alpha * lmix + (1 - alpha) * lp) / (alpha - 1)
+    backward = logsumexp(alpha * lp + (1 - alpha) * lmix) / (alpha - 1)
+    return max(forward, backward)
+
+
+@pytest.mark.parametrize("q", [0.05, 0.3])
+def test_the_subsampling_bound_holds_for_the_exact_divergence_of_the_skellam_mixture(q):
+    mu, shift = 6.0, 2
+    bound = poisson_subsampled_rdp(q, skellam.skellam_rdp(ORDERS, shift, shift, mu))
+    for a in (2, 3, 6, 12):
+        assert bound[a - 2] >= _exact_subsampled_rdp(a, shift, mu, q) * (1 - 1e-9), a
+
+
+@pytest.mark.parametrize("q, sigma", [(0.01, 1.0), (0.1, 0.8), (0.5, 2.0)])
+def test_the_subsampling_bound_is_at_least_opacus_exact_gaussian_and_equal_at_order_2(q, sigma):
+    gaussian = ORDERS / (2 * sigma**2)
+    bound = poisson_subsampled_rdp(q, gaussian)
+    exact = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=INTEGER_ORDERS_FROM_2)
+    assert (bound >= exact * (1 - 1e-9)).all()
+    assert math.isclose(bound[0], math.log(1 - q**2 + q**2 * math.exp(1 / sigma**2)), rel_tol=1e-9)  # its closed form
+    np.testing.assert_allclose(poisson_subsampled_rdp(1.0, gaussian), gaussian)
+
+
+def _plan(**changes):
+    values = dict(dim=300, clip_norm=1.0, scale=200.0, mu=4.0e5, min_clients=4, ring_bits=24, sample_rate=0.2)
+    return skellam.SkellamPlan(**{**values, **changes})
+
+
+def test_epsilon_is_an_independent_replay_of_the_bound_composed_over_rounds():
+    plan = _plan()
+    d2 = math.sqrt(min((200 + math.sqrt(512)) ** 2, 200**2 + 512 / 4 + math.sqrt(2 * 0.5) * (200 + math.sqrt(512) / 2)))
+    d1 = min(math.sqrt(512) * d2, d2**2)
+    q, mu, rounds = 0.2, 4.0e5, 7
+    one = [a * d2**2 / (4 * mu) + min(((2 * a - 1) * d2**2 + 6 * d1) / (16 * mu**2), 3 * d1 / (4 * mu)) for a in ORDERS]
+    amplified = []
+    for a in ORDERS:
+        total = (1 - q) ** (a - 1) * (a * q - q + 1) + math.comb(a, 2) * q**2 * (1 - q) ** (a - 2) * math.exp(one[0])
+        total += 3 * sum(math.comb(a, j) * q**j * (1 - q) ** (a - j) * math.exp((j - 1) * one[j - 2]) for j in range(3, a + 1))
+        amplified.append(math.log(total) / (a - 1))
+    rdp = rounds * np.array(amplified)
+    # Balle et al. 2020's conversion, written out: min over orders of rdp + log((a-1)/a) - (log delta + log a)/(a-1).
+    expected = min(r + math.log((a - 1) / a) - (math.log(1e-5) + math.log(a)) / (a - 1) for a, r in zip(ORDERS, rdp))
+    assert math.isclose(skellam.epsilon(plan, rounds, 1e-5), expected, rel_tol=1e-9)
+    assert math.isclose(rdp_epsilon(rdp, 1e-5), expected, rel_tol=1e-9)
+
+
+def test_the_plan_reaches_its_target_with_the_least_noise_and_noise_multiplier_fixes_mu():
+    kwargs = dict(dim=20000, clip_norm=2.0, ring_bits=20, sample_rate=0.1, clients=100, min_clients=77, rounds=10, delta=1e-5)
+    plan = skellam.plan_skellam(**kwargs, target_epsilon=3.0)
+    assert 2.99 <= skellam.epsilon(plan, 10, 1e-5) <= 3.0
+    less_noise = _plan(**{**plan.__dict__, "mu": plan.mu * 0.99})
+    assert skellam.epsilon(less_noise, 10, 1e-5) > 3.0
+    fixed = skellam.plan_skellam(**kwargs, noise_multiplier=1.5)
+    assert math.isclose(fixed.noise_multiplier, 1.5) and math.isclose(fixed.mu, (1.5 * 2.0 * fixed.scale) ** 2 / 2)
+    with pytest.raises(ValueError, match="too low"):
+        skellam.plan_skellam(**kwargs, target_epsilon=1e-6)
+
+
+def test_the_scale_keeps_the_sum_within_k_stddevs_of_the_ring():
+    padded, clients, m, z, c = 2**15, 100, 77, 1.3, 2.0
+    gamma = skellam.choose_scale(c, padded, 20, z, clients, m)
+    std = math.sqrt(gamma**2 * ((clients * c) ** 2 / padded + clients / m * (z * c) ** 2) + clients / 4)
+    assert math.isclose(skellam.K_STDDEVS * std, 2.0**19, rel_tol=1e-9)
+
+
+def test_the_decoded_sum_is_the_clipped_sum_plus_noise_of_the_planned_variance():
+    """Six clients, 120 draws each: residual mean 0 and variance (2 mu n / m + rounding) / gamma^2."""
+    plan = _plan()
+    rng = np.random.default_rng(5)
+    updates = rng.normal(size=(6, 300))
+    updates /= np.linalg.norm(updates, axis=1, keepdims=True) * 1.25  # norm 0.8 < clip 1
+    residuals, rounding = [], 0.0
+    for draw in range(120):
+        signs = skellam.rotation_signs(plan.padded, seed=0, round_idx=draw)
+        total = np.uint64(0)
+        for cid, u in enumerate(updates):
+            client_rng = np.random.default_rng([draw, cid])
+            with np.errstate(over="ignore"):
+                total = (total + skellam.encode(u, plan, signs, client_rng)) & ring_mask(plan.ring_bits)
+            scaled = skellam.rotate(u, signs) * plan.scale
+            rounding += float(np.sum((scaled - np.floor(scaled)) * (np.ceil(scaled) - scaled))) / plan.padded
+        residuals.append(skellam.decode_sum(total, plan, signs) - updates.sum(axis=0))
+    residuals = np.concatenate(residuals)
+    planned = (2 * plan.mu * 6 / plan.min_clients + rounding / 120) / plan.scale**2
+    assert abs(residuals.mean()) < 4 * math.sqrt(planned / residuals.size)
+    assert abs(residuals.var() / planned - 1) < 0.03  # 36,000 residuals: the variance to about 0.75%
+
+
+def test_values_past_the_ring_wrap_and_an_unclipped_update_is_refused():
+    plan = _plan(ring_bits=8, mu=0.5, scale=2000.0)  # a 1-norm update reaches 2000/sqrt(512) ~ 88 per value
+    signs = skellam.rotation_signs(plan.padded, 0, 1)
+    update = np.full(300, 1 / math.sqrt(300))
+    decoded = skellam.decode_sum(skellam.encode(update, plan, signs, np.random.default_rng(0)), plan, signs)
+    assert np.abs(decoded - update).max() > 0.1  # 256 levels cannot hold +-88 plus the rounding: the sum wrapped
+    with pytest.raises(ValueError, match="clip"):
+        skellam.encode(update * 2, plan, signs, np.random.default_rng(0))
