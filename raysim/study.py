@@ -39,7 +39,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from raysim.checkpoint import find_checkpoint
-from raysim.config import UserError, error_line, flatten, load_config
+from raysim.config import UserError, differing_keys, error_line, flatten, load_config
 
 log = logging.getLogger("raysim")
 
@@ -147,11 +147,11 @@ def config_changes(run_dir: Path, cfg: DictConfig) -> list[tuple[str, Any, Any]]
     if not saved.is_file():
         return []
     before = flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
-    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    known = set(flatten(OmegaConf.to_container(cfg, resolve=False)))
     return [
-        (key, before[key], now[key])
-        for key in sorted(set(before) & set(now))
-        if before[key] != now[key] and not any(key == p or key.startswith(f"{p}.") for p in _PLACEMENT_KEYS)
+        (key, was, now)
+        for key, was, now in differing_keys(before, cfg)
+        if key in before and key in known and not any(key == p or key.startswith(f"{p}.") for p in _PLACEMENT_KEYS)
     ]
 
 

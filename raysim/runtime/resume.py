@@ -45,7 +45,7 @@ def save_checkpoint(sim: Simulation) -> Path:
         except sim.backend.lost:
             log.warning("checkpoint: worker %d is unavailable; its clients' local state starts over on resume", w)
     state = {
-        "config": OmegaConf.to_container(sim.cfg, resolve=True),
+        "config": OmegaConf.to_container(sim.cfg, resolve=False),  # asset references kept: it resumes elsewhere
         "server": sim.backend.get(sim.server.state_dict.remote()),
         "clients": clients,
         "owners": dict(sim.client_worker),

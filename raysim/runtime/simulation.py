@@ -102,11 +102,12 @@ class Simulation:
                 raise
         if saved:
             self.budget.load_state_dict(saved["budget"])
-        resolved = cast(dict, OmegaConf.to_container(self.cfg, resolve=True))
+        # Asset references stay references: each worker resolves them on its own node.
+        portable = cast(dict, OmegaConf.to_container(self.cfg, resolve=False))
         try:
             # The actors start now: importing torch and transformers takes a worker several
             # seconds, while the driver tokenizes the data.
-            self.workers = [self.backend.worker(resolved, w, len(self.label_names)) for w in range(num_workers)]
+            self.workers = [self.backend.worker(portable, w, len(self.label_names)) for w in range(num_workers)]
             central_dp, secagg = bootstrap.server_settings(self.cfg, self.budget)
             self.secure = secagg is not None
             self.server_args = (
