@@ -14,9 +14,12 @@ cartesian product, each run with ``raysim run``'s code into ``OUTPUT/<axis=value
       seed: [0, 1, 2]
     where:                            # optional: overrides for the cells that match
       - {match: {method: lora, privacy: [eps6, eps3, eps1]}, set: {train.lr: 2.0e-2}}
+    max_concurrent: 4                 # optional: at most this many cells at once (0: no cap)
 
-A cell whose summary.json exists is done and skipped; one with a checkpoint resumes from it; any
-other is started afresh. A done or resumable cell whose config.yaml no longer matches what the
+The cells run as Ray Tune trials (raysim.study_tune), as many at once as the cluster's resources
+hold, each reserving its whole simulation; ``--sequential`` runs them one after another in this
+process instead. A cell whose summary.json exists is done and skipped; one with a checkpoint
+resumes from it; any other is started afresh. A done or resumable cell whose config.yaml no longer matches what the
 study file says (a learning rate edited after it ran, say) is stale: the study refuses to run
 until its directory is removed, so one table never mixes two versions of a cell. All cells share
 one Ray instance: the one already up in this process (``main`` called from a notebook), left
@@ -34,7 +37,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,6 +46,7 @@ from raysim.config import UserError, differing_keys, error_line, flatten, load_c
 
 log = logging.getLogger("raysim")
 
+_STUDY_KEYS = ("base", "output_dir", "settings", "axes", "where", "max_concurrent")
 # Keys that say where and on what a cell runs, not what it computes.
 _PLACEMENT_KEYS = ("output_dir", "overwrite", "resume", "checkpoint", "ray", "worker")
 
@@ -68,9 +72,12 @@ def load_study(path: str | Path) -> tuple[Path, Path, list[Cell]]:
         spec = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path), resolve=False))
     except Exception as err:
         raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
-    unknown = set(spec) - {"base", "output_dir", "settings", "axes", "where"}
+    unknown = set(spec) - set(_STUDY_KEYS)
     if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: base, output_dir, settings, axes, where)")
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(_STUDY_KEYS)})")
+    concurrent = spec.get("max_concurrent", 0)
+    if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 0:
+        raise UserError(f"{path}: max_concurrent: give a number of cells >= 0 (0: as many as the cluster holds)")
     for key in ("base", "output_dir", "axes"):
         if not spec.get(key):
             raise UserError(f"{path}: '{key}' is missing")
@@ -94,6 +101,12 @@ def load_study(path: str | Path) -> tuple[Path, Path, list[Cell]]:
         overrides = [*shared, *(o for *_, overrides in combo for o in overrides), *matched]
         cells.append(Cell(",".join(f"{a}={n}" for a, n in chosen.items()), overrides, chosen))
     return base, Path(spec["output_dir"]), cells
+
+
+def max_concurrent(path: str | Path) -> int:
+    """The study file's cap on cells run at once (0: as many as the cluster's resources hold)."""
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return int(cast(dict, spec).get("max_concurrent", 0))
 
 
 def _rules(path: Path, where: list, axes: dict[str, set[str]]) -> list[tuple[dict[str, set[str]], list[str]]]:
@@ -155,15 +168,18 @@ def config_changes(run_dir: Path, cfg: DictConfig) -> list[tuple[str, Any, Any]]
     ]
 
 
-def run_cell(base: Path, run_dir: Path, cell: Cell) -> None:
-    """One cell, as ``raysim run`` would, without the adapter files (a study keeps numbers only)."""
+def run_cell(base: Path, run_dir: Path, cell: Cell, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """One cell, as ``raysim run`` would, without the adapter files (a study keeps numbers only);
+    a done cell is left as it is. ``on_round`` gets each round's metrics row."""
     from raysim.runtime.simulation import Simulation
 
     state = cell_state(run_dir)
+    if state == "done":
+        return
     where = [f"resume={run_dir}"] if state == "resumable" else [f"output_dir={run_dir}", "overwrite=true"]
     cfg = load_config(base, [*cell.overrides, *where])
     with Simulation(cfg) as sim:
-        sim.run(progress=False)
+        sim.run(progress=False, on_round=on_round)
         sim.write_summary(sim.evaluate())
 
 
@@ -179,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="AXIS=VALUE[,VALUE]",
         help="run (or list) only the cells with these values, e.g. --only data=iid3,skew3 --only seed=0; repeatable",
+    )
+    parser.add_argument(
+        "--sequential", action="store_true", help="run the cells one after another in this process, not as Ray Tune trials"
     )
     args = parser.parse_args(argv)
     try:
@@ -216,9 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         owns_ray = not ray.is_initialized()
         started_ray = owns_ray and start_ray(configs[todo[0].name])
         try:
-            for i, cell in enumerate(todo, 1):
-                log.info("cell %d/%d: %s", i, len(todo), cell.name)
-                run_cell(base, out / cell.name, cell)
+            if args.sequential:
+                for i, cell in enumerate(todo, 1):
+                    log.info("cell %d/%d: %s", i, len(todo), cell.name)
+                    run_cell(base, out / cell.name, cell)
+            else:
+                from raysim import study_tune
+
+                study_tune.run(base, out, todo, configs, max_concurrent(args.study), started_ray)
         finally:
             if started_ray:
                 stop_autoscaler_monitor()

@@ -1,6 +1,7 @@
 """raysim report (tables and plots over seeds) and raysim.study (grids, resumable by cell)."""
 
 import json
+import shutil
 import statistics
 
 import pyarrow as pa
@@ -189,7 +190,7 @@ def test_a_study_starts_ray_as_its_ray_settings_say(tmp_path, monkeypatch):
     if ray_was_up:
         ray.shutdown()
     try:
-        assert study.main([str(path)]) == 0
+        assert study.main([str(path), "--sequential"]) == 0
         assert not ray.is_initialized(), "the study shuts down the Ray it started"
     finally:
         if ray_was_up:
@@ -197,18 +198,41 @@ def test_a_study_starts_ray_as_its_ray_settings_say(tmp_path, monkeypatch):
     assert seen == [1.0]
 
 
-def test_a_study_skips_finished_cells(tmp_path, capsys, ray_session):
-    """In a process where Ray is up (as in a notebook), a study runs on that Ray and leaves it up."""
-    path = _study_file(tmp_path, {"seed": [0, 1]}, settings={"rounds": 1, "train.local_steps": 1, "eval.max_examples": 20, "checkpoint.every": 1})
+def _metrics(run_dir):
+    rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
+    return [(r["round"], r["clients"], r["train_loss"], r["eval_accuracy"], r["eval_loss"]) for r in rows]
+
+
+def test_a_study_runs_its_cells_as_tune_trials_two_at_a_time_and_resumes(tmp_path, capsys, ray_session):
+    """On the tests' Ray (2 CPUs) cells of one 1-CPU worker run two at once, each trial holding its
+    simulation's placement group; an interrupted study skips its finished cells and resumes the
+    others; a cell's results equal the same cell run alone; Tune's own outputs are there; and the
+    study leaves up the Ray it found (as in a notebook)."""
+    settings = {"rounds": 2, "worker.count": 1, "train.local_steps": 1, "eval.max_examples": 20, "checkpoint.every": 1}
+    path = _study_file(tmp_path, {"seed": [0, 1, 2, 3]}, settings=settings)
     assert study.main([str(path)]) == 0
-    summaries = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/summary.json")}
-    assert len(summaries) == 2
-    (tmp_path / "out" / "seed=1" / "summary.json").unlink()  # as if interrupted after its checkpoint
+    out = tmp_path / "out"
+    # A cell runs from its config.yaml (written once its workers are up) to its summary.json.
+    spans = {c: ((out / c / "config.yaml").stat().st_mtime, (out / c / "summary.json").stat().st_mtime) for c in ("seed=0", "seed=1", "seed=2", "seed=3")}
+    at_once = [sum(s <= start < e for s, e in spans.values()) for start, _ in spans.values()]
+    assert max(at_once) == 2, spans  # some cells ran together, never more than the CPUs hold
+    (experiment,) = (out / "_tune").iterdir()
+    progress = sorted(experiment.glob("*/progress.csv"))
+    assert len(progress) == 4 and all("eval_accuracy" in p.read_text().splitlines()[0] for p in progress)
+
+    finished = (out / "seed=0" / "summary.json").stat().st_mtime_ns
+    uninterrupted = _metrics(out / "seed=3")
+    (out / "seed=3" / "summary.json").unlink()  # as if interrupted after round 1's checkpoint
+    shutil.rmtree(out / "seed=3" / "checkpoints" / "round-000002")
+    capsys.readouterr()  # Ray Tune's results table
     assert study.main([str(path), "--list"]) == 0
-    assert capsys.readouterr().out.split() == ["done", "seed=0", "resumable", "seed=1"]
+    assert capsys.readouterr().out.split() == ["done", "seed=0", "done", "seed=1", "done", "seed=2", "resumable", "seed=3"]
     assert study.main([str(path)]) == 0
     assert ray_session.is_initialized(), "the study shut down a Ray it did not start"
-    assert (tmp_path / "out" / "seed=0" / "summary.json").stat().st_mtime_ns == summaries[tmp_path / "out" / "seed=0" / "summary.json"]
-    assert (tmp_path / "out" / "seed=1" / "summary.json").is_file()
-    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
-    assert "| all runs | 2 | 1 |" in (tmp_path / "report" / "report.md").read_text()
+    assert (out / "seed=0" / "summary.json").stat().st_mtime_ns == finished
+    assert _metrics(out / "seed=3") == uninterrupted
+
+    assert study.main([str(path), "--sequential", "--only", "seed=1", "--output-dir", str(tmp_path / "alone")]) == 0
+    assert _metrics(tmp_path / "alone" / "seed=1") == _metrics(out / "seed=1")
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "| all runs | 4 | 2 |" in (tmp_path / "report" / "report.md").read_text()

@@ -17,13 +17,20 @@ log = logging.getLogger("raysim")
 
 def worker_options(worker: DictConfig) -> dict[str, Any]:
     """How Ray places a client worker: its CPU and (fractional) GPU share, spread over all nodes of
-    a cluster instead of packed onto the first. Ray picks the GPU; the actor uses what it was granted."""
+    a cluster instead of packed onto the first. Ray picks the GPU; the actor uses what it was granted.
+    Inside a placement group (a study's Tune trial reserves its whole simulation as one: a bundle
+    per worker), the worker takes a free bundle of it."""
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = get_current_placement_group()
+    strategy: Any = "SPREAD" if group is None else PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=-1)
     return {
         "num_cpus": worker.num_cpus,
         "num_gpus": worker.num_gpus,
         "max_restarts": worker.max_restarts,
         "max_task_retries": 0,
-        "scheduling_strategy": "SPREAD",
+        "scheduling_strategy": strategy,
     }
 
 

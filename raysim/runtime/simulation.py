@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import numpy as np
 import pyarrow as pa
@@ -417,9 +417,10 @@ class Simulation:
         pool.check_pool(self)
         return row
 
-    def run(self, rounds: int | None = None, progress: bool = True) -> pa.Table:
+    def run(self, rounds: int | None = None, progress: bool = True, on_round: Callable[[dict[str, Any]], None] | None = None) -> pa.Table:
         """Run ``rounds`` more rounds (default: up to the configured number), printing one line per
-        round; with checkpoint.every, the last round is checkpointed too."""
+        round (and handing each round's row to ``on_round``: a study reports it to Ray Tune); with
+        checkpoint.every, the last round is checkpointed too."""
         from tqdm.auto import tqdm
 
         rounds = max(0, self.cfg.rounds - self.round) if rounds is None else rounds
@@ -434,6 +435,8 @@ class Simulation:
             bar.update(1)
             bar.set_postfix(acc=f"{row['eval_accuracy']:.3f}", loss=f"{row['train_loss']:.3f}")
             line = format_row(row, target)
+            if on_round is not None:
+                on_round(row)
             if progress:
                 bar.write(line)
             else:
