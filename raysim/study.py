@@ -16,6 +16,12 @@ cartesian product, each run with ``raysim run``'s code into ``OUTPUT/<axis=value
       - {match: {method: lora, privacy: [eps6, eps3, eps1]}, set: {train.lr: 2.0e-2}}
     max_concurrent: 4                 # optional: at most this many cells at once (0: no cap)
 
+A study may search instead of running its grid: ``search: {train.lr: {loguniform: [1e-4, 1e-1]}}``
+(or uniform, randint, choice), ``trials: 8`` per cell and ``scheduler: asha`` (or fifo). Each cell
+is then tuned with Tune's random search on the validation split, ASHA stopping poor trials early
+(rounds as its time axis), and the best values go to OUTPUT/best.yaml; a grid's ``where:`` takes
+them with ``- {from: path/to/best.yaml}``.
+
 The cells run as Ray Tune trials (raysim.study_tune), as many at once as the cluster's resources
 hold, each reserving its whole simulation; ``--sequential`` runs them one after another in this
 process instead. A cell whose summary.json exists is done and skipped; one with a checkpoint
@@ -46,7 +52,9 @@ from raysim.config import UserError, differing_keys, error_line, flatten, load_c
 
 log = logging.getLogger("raysim")
 
-_STUDY_KEYS = ("base", "output_dir", "settings", "axes", "where", "max_concurrent")
+_STUDY_KEYS = ("base", "output_dir", "settings", "axes", "where", "max_concurrent", "search", "trials", "scheduler")
+SCHEDULERS = ("asha", "fifo")
+_DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 # Keys that say where and on what a cell runs, not what it computes.
 _PLACEMENT_KEYS = ("output_dir", "overwrite", "resume", "checkpoint", "ray", "worker")
 
@@ -103,16 +111,69 @@ def load_study(path: str | Path) -> tuple[Path, Path, list[Cell]]:
     return base, Path(spec["output_dir"]), cells
 
 
+@dataclass
+class Search:
+    """A study file's hyperparameter search: each cell of its grid becomes ``trials`` Tune trials
+    drawn from ``space`` ({key: {distribution: arguments}}), tuned on the validation split."""
+
+    space: dict[str, dict[str, list]]
+    trials: int
+    scheduler: str
+
+
 def max_concurrent(path: str | Path) -> int:
     """The study file's cap on cells run at once (0: as many as the cluster's resources hold)."""
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     return int(cast(dict, spec).get("max_concurrent", 0))
 
 
+def load_search(path: str | Path) -> Search | None:
+    """The study file's search, checked; None for a plain grid."""
+    spec = cast(dict, OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    space = spec.get("search")
+    if space is None:
+        return None
+    if not isinstance(space, dict) or not space:
+        raise UserError(f"{path}: search: give {{key: {{loguniform: [low, high]}}}} (or uniform, randint, choice)")
+    for key, dist in space.items():
+        if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in _DISTRIBUTIONS and isinstance(next(iter(dist.values())), list)):
+            raise UserError(f"{path}: search.{key}: give one of {', '.join(_DISTRIBUTIONS)} with a list, e.g. {{loguniform: [1.0e-4, 1.0e-1]}}")
+        (kind, args), = dist.items()
+        if kind != "choice" and (len(args) != 2 or not args[0] < args[1]):
+            raise UserError(f"{path}: search.{key}: {kind} takes [low, high] with low < high")
+    trials, scheduler = spec.get("trials", 8), spec.get("scheduler", "asha")
+    if not isinstance(trials, int) or trials < 1:
+        raise UserError(f"{path}: trials: give the number of trials per cell, >= 1")
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"{path}: scheduler: '{scheduler}' is not one of {', '.join(SCHEDULERS)}")
+    return Search(space, trials, scheduler)
+
+
+def search_overrides(cell: Cell, cfg: DictConfig) -> list[str]:
+    """A search trial's overrides beyond its cell's: scored on the validation split every round
+    (carved from the training rows where the cell has none), the test split never looked at."""
+    extra = ["eval.split=validation", "eval.every=1", "checkpoint.every=0"]
+    if not cfg.data.validation_fraction:
+        extra.append("data.validation_fraction=0.1")
+    return extra
+
+
 def _rules(path: Path, where: list, axes: dict[str, set[str]]) -> list[tuple[dict[str, set[str]], list[str]]]:
-    """``where`` entries as (axis -> value names it matches, overrides); names checked against the axes."""
+    """``where`` entries as (axis -> value names it matches, overrides); names checked against the
+    axes. An entry ``{from: FILE}`` (relative to the study file) takes the rules a search wrote
+    into its best.yaml, one per searched cell."""
     rules = []
+    expanded = []
     for i, rule in enumerate(where):
+        if isinstance(rule, dict) and set(rule) == {"from"}:
+            found = path.parent / str(rule["from"])
+            if not found.is_file():
+                raise UserError(f"{path}: where[{i}].from: file not found: {found}")
+            best = cast(dict, OmegaConf.to_container(OmegaConf.load(found)))
+            expanded += [(i, {"match": entry["match"], "set": entry["set"]}) for entry in best.values()]
+        else:
+            expanded.append((i, rule))
+    for i, rule in expanded:
         if not isinstance(rule, dict) or set(rule) != {"match", "set"}:
             raise UserError(f"{path}: where[{i}]: give {{match: {{axis: value or [values]}}, set: {{key: value}}}}")
         match = {}
@@ -213,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                 states[cell.name] = "stale"
                 key, before, now = changes[0]
                 stale.append(f"{out / cell.name}: {key} was {before!r}, the study now says {now!r}")
+        search = load_search(args.study)
+        if search is not None:  # a sample of every key, checked before anything runs
+            for cell in cells:
+                sample = [f"{k}={json.dumps(next(iter(d.values()))[0])}" for k, d in search.space.items()]
+                load_config(base, [*cell.overrides, *sample, *search_overrides(cell, configs[cell.name]), f"output_dir={out / cell.name}"])
+            from raysim import study_tune
+
+            states = {c.name: "done" if c.name in study_tune.read_best(out) else "to do" for c in cells}
         if args.list:
             for cell in cells:
                 print(f"{states[cell.name]:9}  {cell.name}")
@@ -235,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         owns_ray = not ray.is_initialized()
         started_ray = owns_ray and start_ray(configs[todo[0].name])
         try:
-            if args.sequential:
+            if search is not None:
+                from raysim import study_tune
+
+                study_tune.search(base, out, todo, configs, search, max_concurrent(args.study), started_ray)
+            elif args.sequential:
                 for i, cell in enumerate(todo, 1):
                     log.info("cell %d/%d: %s", i, len(todo), cell.name)
                     run_cell(base, out / cell.name, cell)

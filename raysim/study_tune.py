@@ -12,16 +12,20 @@ loggers, ``Tuner.restore``) go to ``OUTPUT/_tune/``.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from raysim.config import UserError
 
 TUNE_DIR = "_tune"
+BEST_FILE = "best.yaml"  # a search's chosen values, next to the study's cells
+METRIC, MODE = "eval_accuracy", "max"  # on the validation split
+GRACE_ROUNDS = 2  # ASHA stops no trial before this many rounds
 
 
 def bundles(cfg: DictConfig) -> list[dict[str, float]]:
@@ -105,3 +109,79 @@ def _last_line(error: BaseException) -> str:
     cause = getattr(error, "cause", None) or error
     text = str(cause).strip().splitlines()
     return text[-1] if text else type(cause).__name__
+
+
+def read_best(out: Path) -> dict[str, Any]:
+    """{cell: {"set": {key: value}, "eval_accuracy": score}} of the searches done so far."""
+    path = out / BEST_FILE
+    return dict(OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else {}  # type: ignore[arg-type]
+
+
+def search(base: Path, out: Path, cells: list, configs: dict[str, DictConfig], spec: Any, max_concurrent: int, started_ray: bool) -> None:
+    """Per cell, ``spec.trials`` trials drawn from ``spec.space`` by Tune's random search, stopped
+    early by ASHA (rounds as its time, validation accuracy as its metric) unless the scheduler is
+    fifo; the best trial's values are added to OUTPUT/best.yaml, as the ``where`` rule that feeds
+    them to a grid. One Tune experiment per cell, so that ASHA compares a cell's trials only with
+    each other."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from raysim.study import search_overrides
+
+    _check_fits({c.name: bundles(configs[c.name]) for c in cells}, started_ray)
+    for cell in cells:
+        cfg = configs[cell.name]
+        overrides = {cell.name: [*cell.overrides, *search_overrides(cell, cfg)]}
+        runner = tune.with_parameters(_search_trial, base=str(base.resolve()), out=str(out.resolve()), cells=overrides, cwd=os.getcwd())
+        runner = tune.with_resources(runner, tune.PlacementGroupFactory(bundles(cfg)))
+        rounds = int(cfg.rounds)
+        scheduler = (
+            ASHAScheduler(time_attr="round", max_t=rounds, grace_period=min(GRACE_ROUNDS, rounds))
+            if spec.scheduler == "asha"
+            else FIFOScheduler()
+        )
+        tuner = tune.Tuner(
+            runner,
+            param_space={"cell": cell.name, "params": {k: _distribution(d) for k, d in spec.space.items()}},
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode=MODE, num_samples=spec.trials, scheduler=scheduler, max_concurrent_trials=max_concurrent or None
+            ),
+            run_config=tune.RunConfig(
+                name=time.strftime(f"search-{cell.name}-%Y%m%d-%H%M%S"), storage_path=str((out / TUNE_DIR).resolve()), verbose=1
+            ),
+        )
+        results = tuner.fit()
+        best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
+        if best.config is None or best.metrics is None or METRIC not in best.metrics:
+            raise UserError(f"cell {cell.name}: no search trial reported {METRIC}")
+        chosen = dict(best.config["params"])
+        history = best.metrics_dataframe
+        score = float(history[METRIC].max()) if history is not None else float(best.metrics[METRIC])
+        record = read_best(out)
+        record[cell.name] = {"match": dict(cell.values), "set": chosen, METRIC: score, "trials": spec.trials}
+        (out / BEST_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (out / BEST_FILE).write_text(OmegaConf.to_yaml(record))
+
+
+def _distribution(dist: dict[str, list]) -> Any:
+    from ray import tune
+
+    ((kind, args),) = dist.items()
+    if kind == "choice":
+        return tune.choice(args)
+    return {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}[kind](*args)
+
+
+def _search_trial(config: dict[str, Any], base: str, out: str, cells: dict[str, list[str]], cwd: str) -> None:
+    from ray import tune
+
+    from raysim.config import load_config
+    from raysim.runtime.simulation import Simulation
+
+    os.chdir(cwd)
+    name = config["cell"]
+    sampled = [f"{key}={json.dumps(value)}" for key, value in config["params"].items()]
+    run_dir = Path(out) / name / "search" / tune.get_context().get_trial_id()
+    cfg = load_config(Path(base), [*cells[name], *sampled, f"output_dir={run_dir}", "overwrite=true"])
+    with Simulation(cfg) as sim:
+        sim.run(progress=False, on_round=lambda row: tune.report(_numbers(row)))

@@ -236,3 +236,26 @@ def test_a_study_runs_its_cells_as_tune_trials_two_at_a_time_and_resumes(tmp_pat
     assert _metrics(tmp_path / "alone" / "seed=1") == _metrics(out / "seed=1")
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     assert "| all runs | 4 | 2 |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_search_tunes_each_cell_on_validation_and_feeds_a_grid(tmp_path, ray_session):
+    settings = {"rounds": 2, "worker.count": 1, "train.local_steps": 1, "eval.max_examples": 20}
+    path = _study_file(tmp_path, {"method": ["lora"]}, settings=settings, search={"train.lr": {"loguniform": [1e-4, 1e-1]}}, trials=2)
+    assert study.main([str(path)]) == 0
+    best = OmegaConf.to_container(OmegaConf.load(tmp_path / "out" / "best.yaml"))["method=lora"]
+    trials = sorted((tmp_path / "out" / "method=lora" / "search").iterdir())
+    assert len(trials) == 2
+    scores, rates = [], []
+    for trial in trials:
+        cfg = OmegaConf.load(trial / "config.yaml")
+        assert cfg.eval.split == "validation" and cfg.data.validation_fraction == 0.1  # the test split is never looked at
+        rates.append(cfg.train.lr)
+        scores.append(max(r[3] for r in _metrics(trial)))
+    assert best["set"]["train.lr"] in [r for r, s in zip(rates, scores) if s == max(scores)] and best["eval_accuracy"] == max(scores)
+    assert 1e-4 <= best["set"]["train.lr"] <= 1e-1 and best["match"] == {"method": "lora"}
+    assert study.main([str(path), "--list"]) == 0  # a searched cell is done
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(OmegaConf.to_yaml({"base": str(CONFIG_DIR / "tiny.yaml"), "output_dir": "g", "axes": {"method": ["lora", "ffa_lora"]}, "where": [{"from": "out/best.yaml"}]}))
+    _, _, cells = study.load_study(grid)
+    assert f"train.lr={best['set']['train.lr']}" in cells[0].overrides and not any(o.startswith("train.lr") for o in cells[1].overrides)
