@@ -161,16 +161,19 @@ def search_overrides(cell: Cell, cfg: DictConfig) -> list[str]:
 def _rules(path: Path, where: list, axes: dict[str, set[str]]) -> list[tuple[dict[str, set[str]], list[str]]]:
     """``where`` entries as (axis -> value names it matches, overrides); names checked against the
     axes. An entry ``{from: FILE}`` (relative to the study file) takes the rules a search wrote
-    into its best.yaml, one per searched cell."""
+    into its best.yaml, one per searched cell; ``map: {axis: {searched value: [values here]}}``
+    applies a value's result to other values too (a rate tuned at epsilon 3, used at 1)."""
     rules = []
     expanded = []
     for i, rule in enumerate(where):
-        if isinstance(rule, dict) and set(rule) == {"from"}:
+        if isinstance(rule, dict) and "from" in rule and set(rule) <= {"from", "map"}:
             found = path.parent / str(rule["from"])
             if not found.is_file():
-                raise UserError(f"{path}: where[{i}].from: file not found: {found}")
-            best = cast(dict, OmegaConf.to_container(OmegaConf.load(found)))
-            expanded += [(i, {"match": entry["match"], "set": entry["set"]}) for entry in best.values()]
+                raise UserError(f"{path}: where[{i}].from: file not found: {found} (run the search that writes it first)")
+            mapping = rule.get("map") or {}
+            for entry in cast(dict, OmegaConf.to_container(OmegaConf.load(found))).values():
+                mapped = {a: [n for v in (vs if isinstance(vs, list) else [vs]) for n in mapping.get(a, {}).get(str(v), [v])] for a, vs in entry["match"].items()}
+                expanded.append((i, {"match": mapped, "set": entry["set"]}))
         else:
             expanded.append((i, rule))
     for i, rule in expanded:

@@ -143,11 +143,19 @@ def test_only_narrows_a_study_to_the_cells_with_those_values(tmp_path, capsys):
         assert f"--only {bad}:" in capsys.readouterr().err
 
 
-def test_every_shipped_study_file_gives_valid_configs():
+def test_every_shipped_study_file_gives_valid_configs(tmp_path):
     studies = sorted(p for p in (CONFIG_DIR / "study").glob("*.yaml") if p.name != "base.yaml")
     assert len(studies) >= 4
     for path in studies:
-        base, out, cells = study.load_study(path)
+        try:
+            base, out, cells = study.load_study(path)
+        except UserError as err:  # a grid fed by a search not run yet: its other settings are still checked
+            assert "from: file not found" in str(err), err
+            spec = OmegaConf.load(path)
+            spec.base = str(path.parent / spec.base)
+            spec.where = [rule for rule in spec.where if "from" not in rule]
+            OmegaConf.save(spec, tmp_path / path.name)
+            base, out, cells = study.load_study(tmp_path / path.name)
         assert cells and str(out).startswith("studies/"), path
         first_seed = cells[0].name.split(",")[0] if cells[0].name.startswith("seed=") else None
         for cell in cells:  # a cell's seed changes no key's validity: one seed's cells are checked
@@ -259,3 +267,7 @@ def test_a_search_tunes_each_cell_on_validation_and_feeds_a_grid(tmp_path, ray_s
     grid.write_text(OmegaConf.to_yaml({"base": str(CONFIG_DIR / "tiny.yaml"), "output_dir": "g", "axes": {"method": ["lora", "ffa_lora"]}, "where": [{"from": "out/best.yaml"}]}))
     _, _, cells = study.load_study(grid)
     assert f"train.lr={best['set']['train.lr']}" in cells[0].overrides and not any(o.startswith("train.lr") for o in cells[1].overrides)
+    mapped = {"from": "out/best.yaml", "map": {"method": {"lora": ["lora", "ffa_lora"]}}}  # lora's rate for both
+    grid.write_text(OmegaConf.to_yaml({"base": str(CONFIG_DIR / "tiny.yaml"), "output_dir": "g", "axes": {"method": ["lora", "ffa_lora"]}, "where": [mapped]}))
+    _, _, cells = study.load_study(grid)
+    assert all(f"train.lr={best['set']['train.lr']}" in c.overrides for c in cells)
