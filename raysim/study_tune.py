@@ -47,6 +47,18 @@ def trainable(base: Path, out: Path, cells: dict[str, list[str]], resources: dic
     return tune.with_resources(runner, lambda config: tune.PlacementGroupFactory(resources[config["cell"]]))
 
 
+def trainable_for(study_file: str | Path) -> Any:
+    """The trainable of a study file's grid, for ``Tuner.restore(OUTPUT/_tune/<experiment>,
+    trainable_for(STUDY.yaml))``: Tune's own way to finish an interrupted experiment (rerunning
+    the study does the same from the cells' directories)."""
+    from raysim.config import load_config
+    from raysim.study import load_study
+
+    base, out, cells = load_study(study_file)
+    resources = {c.name: bundles(load_config(base, [*c.overrides, f"output_dir={out / c.name}"])) for c in cells}
+    return trainable(base, out, {c.name: c.overrides for c in cells}, resources)
+
+
 def _trial(config: dict[str, Any], base: str, out: str, cells: dict[str, list[str]], cwd: str) -> None:
     from ray import tune
 
@@ -78,6 +90,10 @@ def run(base: Path, out: Path, cells: list, configs: dict[str, DictConfig], max_
     results = tuner.fit()
     trials = [results[i] for i in range(len(results))]
     failed = [((r.config or {}).get("cell"), r.error) for r in trials if r.error is not None]
+    from raysim.study import cell_state
+
+    if len(failed) + sum(cell_state(out / c.name) == "done" for c in cells) < len(cells):
+        raise KeyboardInterrupt  # Tune stopped on Ctrl-C (it counts trials it never started as terminated)
     if failed:
         lines = [f"{name}: {_last_line(error)}" for name, error in failed]
         raise UserError(f"{len(failed)} cell(s) failed:\n  " + "\n  ".join(lines))

@@ -1,8 +1,13 @@
 """raysim report (tables and plots over seeds) and raysim.study (grids, resumable by cell)."""
 
 import json
+import os
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -271,3 +276,25 @@ def test_a_search_tunes_each_cell_on_validation_and_feeds_a_grid(tmp_path, ray_s
     grid.write_text(OmegaConf.to_yaml({"base": str(CONFIG_DIR / "tiny.yaml"), "output_dir": "g", "axes": {"method": ["lora", "ffa_lora"]}, "where": [mapped]}))
     _, _, cells = study.load_study(grid)
     assert all(f"train.lr={best['set']['train.lr']}" in c.overrides for c in cells)
+
+
+@pytest.mark.skipif(not os.environ.get("RAYSIM_LONG"), reason="about 90 s: a study interrupted with SIGINT; set RAYSIM_LONG=1")
+def test_tuner_restore_finishes_an_interrupted_study(tmp_path):
+    settings = {"rounds": 3, "worker.count": 1, "train.local_steps": 2, "eval.max_examples": 20, "ray.num_cpus": 2}
+    path = _study_file(tmp_path, {"seed": [0, 1, 2, 3]}, settings=settings)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "raysim.study", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "out"
+    deadline = time.time() + 240
+    while len(list(out.glob("*/summary.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130  # "interrupted; run the same command to go on"
+    assert len(list(out.glob("*/summary.json"))) < 4, "the study finished before it was interrupted"
+    (experiment,) = (out / "_tune").iterdir()
+    code = (
+        "import ray; from ray import tune; from raysim.study_tune import trainable_for; ray.init(num_cpus=2); "
+        f"tune.Tuner.restore({str(experiment)!r}, trainable_for({str(path)!r}), resume_errored=True, restart_errored=False).fit()"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=400)
+    assert len(list(out.glob("*/summary.json"))) == 4
