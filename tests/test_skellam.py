@@ -183,3 +183,13 @@ def test_values_past_the_ring_wrap_and_an_unclipped_update_is_refused():
     assert np.abs(decoded - update).max() > 0.1  # 256 levels cannot hold +-88 plus the rounding: the sum wrapped
     with pytest.raises(ValueError, match="clip"):
         skellam.encode(update * 2, plan, signs, np.random.default_rng(0))
+
+
+def test_a_wide_ring_with_little_noise_still_rounds_an_update_clipped_in_float32():
+    plan = skellam.plan_skellam(2253, 0.1, 32, 0.25, 10, 4, 3, 1e-5, noise_multiplier=1e-4)
+    assert plan.scale * plan.clip_norm <= skellam.MAX_SCALED_CLIP
+    update = np.random.default_rng(0).normal(size=2253).astype(np.float32)
+    update *= np.float32(0.1 / np.linalg.norm(update.astype(np.float64)))  # float32: a hair above 0.1 or below
+    signs = skellam.rotation_signs(plan.padded, 0, 1)
+    decoded = skellam.decode_sum(skellam.encode(update, plan, signs, np.random.default_rng(1)), plan, signs)
+    np.testing.assert_allclose(decoded, update, atol=3e-5)  # one sender: noise std 1e-4 x 0.1 / sqrt(4) = 5e-6

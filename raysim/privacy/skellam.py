@@ -44,6 +44,11 @@ K_STDDEVS = 4.0
 DEFAULT_BETA = math.exp(-0.5)
 # Poisson(lambda) is drawn as a 64-bit integer; the ring's width keeps lambda far below that.
 MAX_RING_BITS = 32
+# The scaled clip norm gamma * c is kept below 2^24: the rounding's slack in Delta_2 (at least
+# gamma * c) then stays far above float64's error on a squared norm of (gamma * c)^2, so the norm
+# check of conditional rounding is exact enough. It only binds for wide rings with little noise,
+# where the quantization step 1/gamma is already below 1e-7 of c.
+MAX_SCALED_CLIP = 2.0**24
 _MAX_ROUNDING_TRIES = 1000
 
 
@@ -150,10 +155,13 @@ class SkellamPlan:
 def encode(update: np.ndarray, plan: SkellamPlan, signs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One client's input to the secure sum: its update (of L2 norm at most clip_norm) rotated,
     scaled, rounded, noised and wrapped into Z_(2^b); uint64, of length plan.padded."""
-    norm = float(np.linalg.norm(update))
+    values = update.astype(np.float64)
+    norm = float(np.linalg.norm(values))
     if norm > plan.clip_norm * (1 + 1e-6):
         raise ValueError(f"the update's norm {norm:g} is above the clip norm {plan.clip_norm:g}: clip it first")
-    rounded = conditional_round(rotate(update.astype(np.float64), signs) * plan.scale, plan.l2_sensitivity, rng)
+    if norm > plan.clip_norm:  # clipped in float32, a hair above: exactly within it in float64
+        values *= plan.clip_norm / norm * (1 - 1e-12)
+    rounded = conditional_round(rotate(values, signs) * plan.scale, plan.l2_sensitivity, rng)
     share = plan.mu / plan.min_clients
     noised = rounded + rng.poisson(share, rounded.shape) - rng.poisson(share, rounded.shape)
     return noised.astype(np.uint64) & ring_mask(plan.ring_bits)
@@ -190,15 +198,15 @@ def epsilon(plan: SkellamPlan, rounds: int, delta: float) -> float:
 
 
 def choose_scale(clip_norm: float, padded: int, ring_bits: int, noise_multiplier: float, clients: float, min_clients: int) -> float:
-    """gamma: the largest scale at which a coordinate of the sum of ``clients`` inputs stays within
-    K_STDDEVS standard deviations of the ring's half-range 2^(b-1). Its variance, scaled: the
+    """gamma: the largest scale (up to MAX_SCALED_CLIP / c) at which a coordinate of the sum of
+    ``clients`` inputs stays within K_STDDEVS standard deviations of the ring's half-range 2^(b-1). Its variance, scaled: the
     signal's worst case (all updates aligned, spread by the rotation) (n gamma c)^2 / d', the
     noise's n / m x (gamma sigma c)^2, and the rounding's at most n / 4."""
     room = (2.0 ** (ring_bits - 1) / K_STDDEVS) ** 2 - clients / 4
     per_unit = (clients * clip_norm) ** 2 / padded + clients / min_clients * (noise_multiplier * clip_norm) ** 2
     if room <= 0:
         raise ValueError(f"a {ring_bits}-bit ring cannot hold the rounding error of {clients:g} clients")
-    return math.sqrt(room / per_unit)
+    return min(math.sqrt(room / per_unit), MAX_SCALED_CLIP / clip_norm)
 
 
 def plan_skellam(
