@@ -4,10 +4,11 @@ Each trial reserves its whole simulation as one placement group: one bundle per 
 with ``worker.num_cpus`` / ``worker.num_gpus`` (raysim.runtime.cluster places the workers in it).
 The trial itself, which drives the simulation, and the server actor ask for no CPU (Tune's empty
 head bundle): both wait on the workers most of the time. Tune starts a cell only when its whole
-group fits, so cells never wait on each other's workers. A trial runs its cell as ``raysim.study`` always did (into
-``OUTPUT/<cell>``, resuming from its checkpoint if it has one, skipping it if it is done) and
-reports each round's metrics to Tune, whose own outputs (results table, CSV and TensorBoard
-loggers, ``Tuner.restore``) go to ``OUTPUT/_tune/``.
+group fits, so cells never wait on each other's workers. A trial runs its cell as the sequential
+runner does (into ``OUTPUT/<cell>``, resuming from its checkpoint if it has one, skipping it if it
+is done) and reports each round's metrics to Tune, whose own outputs (results table, CSV and
+TensorBoard loggers, ``Tuner.restore``) go to ``OUTPUT/_tune/``. A study file's ``search`` runs
+per-cell hyperparameter searches instead (:func:`search`).
 """
 
 from __future__ import annotations
