@@ -46,9 +46,19 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return list(dict.fromkeys(runs))
 
 
+def _settings(saved: Any) -> Any:
+    """A saved config's values, asset references resolved here: a run saved with the reference and
+    one saved earlier with the path it resolved to are the same setting. Where a reference cannot
+    resolve on this machine (its package is not installed), it is compared as written."""
+    try:
+        return OmegaConf.to_container(saved, resolve=True)
+    except Exception:  # an interpolation this machine cannot resolve
+        return OmegaConf.to_container(saved, resolve=False)
+
+
 def load_run(path: Path) -> Run:
     try:
-        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+        config = _settings(OmegaConf.load(path / "config.yaml"))
         rows = pq.read_table(path / "metrics.parquet").to_pylist()
     except Exception as err:  # a missing or broken file: name the run, no traceback
         raise UserError(f"{path}: cannot read the run ({err})") from None

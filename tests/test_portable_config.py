@@ -2,8 +2,11 @@
 (${raysim.minilm:}, ${raysim.tweets:}), resolved by whoever reads the files; runs and checkpoints
 saved before, with absolute paths, still count as the same setting here."""
 
+import json
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
@@ -65,3 +68,16 @@ def test_a_cell_saved_with_absolute_paths_is_not_stale(tmp_path):
     assert study.config_changes(tmp_path, cfg) == []
     (tmp_path / "config.yaml").write_text(to_yaml(load_config(base, [f"output_dir={tmp_path}", "train.lr=0.5"])))
     assert study.config_changes(tmp_path, cfg) == [("train.lr", 0.5, cfg.train.lr)]
+
+
+def test_a_report_counts_a_run_saved_with_the_path_and_one_with_the_reference_as_one_setting(tmp_path):
+    from raysim import report
+
+    for seed, path in ((0, tweets_path()), (1, "${raysim.tweets:}")):
+        run = tmp_path / "runs" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"seed: {seed}\nmethod: lora\ndata:\n  path: {path}\n")
+        pq.write_table(pa.Table.from_pylist([{"round": 1, "eval_accuracy": 0.5, "train_loss": 1.0, "uplink_bytes": 1, "epsilon": 0.0}]), run / "metrics.parquet")
+        (run / "summary.json").write_text(json.dumps({"final_eval_accuracy": 0.5, "privacy": {"mode": "none"}}))
+    text = report.report([tmp_path / "runs"], tmp_path / "report").read_text()
+    assert "2 runs in 1 settings" in text
