@@ -27,6 +27,7 @@ TUNE_DIR = "_tune"
 BEST_FILE = "best.yaml"  # a search's chosen values, next to the study's cells
 METRIC, MODE = "eval_accuracy", "max"  # on the validation split
 GRACE_ROUNDS = 2  # ASHA stops no trial before this many rounds
+SEARCH_STREAM = 0x5EA7C4  # the search's draws: (cell seed, this), apart from the runs' own streams
 
 
 def bundles(cfg: DictConfig) -> list[dict[str, float]]:
@@ -139,9 +140,12 @@ def search(base: Path, out: Path, cells: list, configs: dict[str, DictConfig], s
     early by ASHA (rounds as its time, validation accuracy as its metric) unless the scheduler is
     fifo; the best trial's values are added to OUTPUT/best.yaml, as the ``where`` rule that feeds
     them to a grid. One Tune experiment per cell, so that ASHA compares a cell's trials only with
-    each other."""
+    each other. The draws are seeded by the cell's seed, so a rerun samples the same values and
+    cells that share a seed try the same ones."""
+    import numpy as np
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from raysim.study import search_overrides
 
@@ -161,7 +165,12 @@ def search(base: Path, out: Path, cells: list, configs: dict[str, DictConfig], s
             runner,
             param_space={"cell": cell.name, "params": {k: _distribution(d) for k, d in spec.space.items()}},
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode=MODE, num_samples=spec.trials, scheduler=scheduler, max_concurrent_trials=max_concurrent or None
+                metric=METRIC,
+                mode=MODE,
+                num_samples=spec.trials,
+                scheduler=scheduler,
+                search_alg=BasicVariantGenerator(random_state=np.random.default_rng([int(cfg.seed), SEARCH_STREAM])),
+                max_concurrent_trials=max_concurrent or None,
             ),
             run_config=tune.RunConfig(
                 name=time.strftime(f"search-{cell.name}-%Y%m%d-%H%M%S"), storage_path=str((out / TUNE_DIR).resolve()), verbose=1

@@ -267,6 +267,9 @@ def test_a_search_tunes_each_cell_on_validation_and_feeds_a_grid(tmp_path, ray_s
     assert best["set"]["train.lr"] in [r for r, s in zip(rates, scores) if s == max(scores)] and best["eval_accuracy"] == max(scores)
     assert 1e-4 <= best["set"]["train.lr"] <= 1e-1 and best["match"] == {"method": "lora"}
     assert study.main([str(path), "--list"]) == 0  # a searched cell is done
+    assert study.main([str(path), "--output-dir", str(tmp_path / "again")]) == 0  # seeded: the same draws again
+    again = sorted(OmegaConf.load(t / "config.yaml").train.lr for t in (tmp_path / "again" / "method=lora" / "search").iterdir())
+    assert again == sorted(rates)
 
     grid = tmp_path / "grid.yaml"
     grid.write_text(OmegaConf.to_yaml({"base": str(CONFIG_DIR / "tiny.yaml"), "output_dir": "g", "axes": {"method": ["lora", "ffa_lora"]}, "where": [{"from": "out/best.yaml"}]}))
