@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="a config key (e.g. method): put its values side by side per setting, with their difference paired by seed, and plot a panel per setting",
     )
+    report.add_argument(
+        "--baseline",
+        metavar="VALUE",
+        help="with --compare: a value of its key (e.g. ffa_lora) that every other value's accuracy is measured against, paired by seed",
+    )
     return parser
 
 
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if parsed.command == "report":
             from raysim.report import report
 
-            log.info("report: %s", report(parsed.runs, parsed.out, parsed.compare))
+            log.info("report: %s", report(parsed.runs, parsed.out, parsed.compare, parsed.baseline))
             return 0
     except UserError as err:
         print(f"raysim: error: {error_line(err)}", file=sys.stderr)

@@ -172,10 +172,19 @@ def compare_values(runs: list[Run], key: str) -> list[str]:
     return values
 
 
+def _paired_differences(runs: list[Run], key: str, first: str, second: str) -> list[float]:
+    """Final accuracy of ``key=first`` minus ``key=second``, one difference per seed both ran (same
+    seed, same data and sampling)."""
+    def by_seed(value: str) -> dict[Any, float | None]:
+        return {r.config.get("seed"): _final_accuracy(r) for r in runs if str(r.config.get(key)) == value}
+
+    a, b = by_seed(first), by_seed(second)
+    return [x - y for seed, x in a.items() if x is not None and (y := b.get(seed)) is not None]
+
+
 def compare_table(rows: dict[str, list[Run]], key: str, values: list[str]) -> str:
     """Markdown: a row per setting, a column per value of ``key`` (mean ± std over seeds of the final
-    accuracy). With two values, their difference paired by seed (same seed, same data and sampling)
-    and how many seeds the first wins."""
+    accuracy). With two values, their difference paired by seed and how many seeds the first wins."""
     paired = len(values) == 2
     head = [f"{key}={v}" for v in values] + ([f"{values[0]} − {values[1]}, paired by seed", f"seeds {values[0]} ahead"] if paired else [])
     lines = ["| setting | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
@@ -183,10 +192,22 @@ def compare_table(rows: dict[str, list[Run]], key: str, values: list[str]) -> st
         by_value = {v: [r for r in runs if str(r.config.get(key)) == v] for v in values}
         cells = [f"{_pm(_mean_std([_final_accuracy(r) for r in by_value[v]]), 4)} (n={len(by_value[v])})" for v in values]
         if paired:
-            first = {r.config.get("seed"): _final_accuracy(r) for r in by_value[values[0]]}
-            second = {r.config.get("seed"): _final_accuracy(r) for r in by_value[values[1]]}
-            diffs = [a - b for s, a in first.items() if a is not None and (b := second.get(s)) is not None]
+            diffs = _paired_differences(runs, key, *values)
             cells += [_pm(_mean_std(diffs), 4), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def baseline_table(rows: dict[str, list[Run]], key: str, values: list[str], baseline: str) -> str:
+    """Markdown: a row per setting, a column per value of ``key`` other than ``baseline``: its final
+    accuracy minus the baseline's, paired by seed (mean ± std), and on how many seeds it is ahead."""
+    others = [v for v in values if v != baseline]
+    lines = ["| setting | " + " | ".join(f"{v} − {baseline}" for v in others) + " |", "| --- |" + " --- |" * len(others)]
+    for name, runs in rows.items():
+        cells = []
+        for value in others:
+            diffs = _paired_differences(runs, key, value, baseline)
+            cells.append(f"{_pm(_mean_std(diffs), 4)} ({sum(d > 0 for d in diffs)}/{len(diffs)} ahead)" if diffs else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -280,10 +301,13 @@ def compare_plot(rows: dict[str, list[Run]], key: str, values: list[str], path: 
     return _save(fig, path)
 
 
-def report(paths: list[str | Path], out: str | Path, compare: str | None = None) -> Path:
+def report(paths: list[str | Path], out: str | Path, compare: str | None = None, baseline: str | None = None) -> Path:
     """Write OUT/report.md (the table) and OUT/accuracy.png, OUT/train_loss.png; returns report.md.
     With ``compare`` (a config key such as ``method``), report.md starts with a table that puts its
-    values side by side for each setting, and the plots get a panel per setting."""
+    values side by side for each setting, and the plots get a panel per setting; with ``baseline``
+    (one of its values), a second table gives every other value's difference from it, paired by seed."""
+    if baseline is not None and not compare:
+        raise UserError("--baseline: needs --compare KEY (a value of KEY to measure the others against)")
     out = Path(out)
     found = [load_run(p) for p in find_runs(paths)]
     # A run without summary.json has not finished (or is still running): shown apart, not averaged.
@@ -295,10 +319,13 @@ def report(paths: list[str | Path], out: str | Path, compare: str | None = None)
     plotted = {"accuracy": "eval_accuracy", "train_loss": "train_loss"}  # file name -> metric
     if compare:
         values = compare_values(runs, compare)
+        if baseline is not None and baseline not in values:
+            raise UserError(f"--baseline: no run has {compare}={baseline}; its values are {', '.join(values)}")
         rows = comparison_rows(runs, compare)
         images = [f"![{name}]({compare_plot(rows, compare, values, out / f'{name}.png', metric).name})" for name, metric in plotted.items()]
         split = runs[0].config.get("eval.split", "test")
-        head = [f"## {compare}, side by side", "", f"Final {split} accuracy, mean ± std over seeds.", "", compare_table(rows, compare, values), *images, "", "## Every setting", ""]
+        against = [f"Against {compare}={baseline}: final {split} accuracy minus the baseline's, paired by seed.", "", baseline_table(rows, compare, values, baseline)] if baseline else []
+        head = [f"## {compare}, side by side", "", f"Final {split} accuracy, mean ± std over seeds.", "", compare_table(rows, compare, values), *against, *images, "", "## Every setting", ""]
         images = []
     else:
         images = [f"![{name}]({plot(groups, out / f'{name}.png', metric).name})" for name, metric in plotted.items()] + [""]

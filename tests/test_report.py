@@ -81,6 +81,23 @@ def test_compare_puts_methods_side_by_side_with_differences_paired_by_seed(tmp_p
         report.report([tmp_path / "study" / "iid-lora-0", tmp_path / "study" / "iid-ffa_lora-0"], tmp_path / "r3", compare="data.partition")
 
 
+def test_baseline_gives_every_other_value_its_difference_paired_by_seed(tmp_path):
+    finals = {"ffa_lora": [0.60, 0.62, 0.58], "fed_sb": [0.63, 0.61, 0.66], "lora": [0.55, 0.64]}  # lora lacks seed 2
+    for method, accs in finals.items():
+        for seed, acc in enumerate(accs):
+            _fake_run(tmp_path / "study" / f"{method}-{seed}", method, seed, [0.3, acc - 0.01])
+    text = report.report([tmp_path / "study"], tmp_path / "report", compare="method", baseline="ffa_lora").read_text()
+    head = next(i for i, line in enumerate(text.splitlines()) if line.startswith("| setting | fed_sb − ffa_lora"))
+    assert text.splitlines()[head] == "| setting | fed_sb − ffa_lora | lora − ffa_lora |"
+    row = text.splitlines()[head + 2]
+    for method, ahead in (("fed_sb", 2), ("lora", 1)):
+        diffs = [a - b for a, b in zip(finals[method], finals["ffa_lora"])]  # paired by seed, zip stops at lora's 2
+        assert f"{statistics.fmean(diffs):.4f} ± {statistics.stdev(diffs):.4f} ({ahead}/{len(diffs)} ahead)" in row
+    with pytest.raises(UserError, match="no run has method=fedsb; its values are"):
+        report.report([tmp_path / "study"], tmp_path / "r2", compare="method", baseline="fedsb")
+    assert main(["report", str(tmp_path / "study"), "--out", str(tmp_path / "r3"), "--baseline", "lora"]) == 2
+
+
 def test_settings_and_compared_values_are_in_numeric_order(tmp_path):
     # Directory order (alpha=16 < alpha=256 < alpha=64 < alpha=8) is not the values' order.
     for alpha in (16, 256, 64, 8):
