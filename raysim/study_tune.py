@@ -27,6 +27,7 @@ TUNE_DIR = "_tune"
 BEST_FILE = "best.yaml"  # a search's chosen values, next to the study's cells
 METRIC, MODE = "eval_accuracy", "max"  # on the validation split
 GRACE_ROUNDS = 2  # ASHA stops no trial before this many rounds
+_NO_TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # read by Tune when a fit starts
 SEARCH_STREAM = 0x5EA7C4  # the search's draws: (cell seed, this), apart from the runs' own streams
 
 
@@ -176,7 +177,10 @@ def search(base: Path, out: Path, cells: list, configs: dict[str, DictConfig], s
                 name=time.strftime(f"search-{cell.name}-%Y%m%d-%H%M%S"), storage_path=str((out / TUNE_DIR).resolve()), verbose=1
             ),
         )
-        results = tuner.fit()
+        results = _fit_interruptible(tuner)
+        failed = [results[i].error for i in range(len(results)) if results[i].error is not None]
+        if failed:
+            raise UserError(f"cell {cell.name}: {len(failed)} of its search trials failed, so no value was chosen: {_last_line(failed[0])}")
         best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
         if best.config is None or best.metrics is None or METRIC not in best.metrics:
             raise UserError(f"cell {cell.name}: no search trial reported {METRIC}")
@@ -187,6 +191,21 @@ def search(base: Path, out: Path, cells: list, configs: dict[str, DictConfig], s
         record[cell.name] = {"match": dict(cell.values), "set": chosen, METRIC: score, "trials": spec.trials}
         (out / BEST_FILE).parent.mkdir(parents=True, exist_ok=True)
         (out / BEST_FILE).write_text(OmegaConf.to_yaml(record))
+
+
+def _fit_interruptible(tuner: Any) -> Any:
+    """``tuner.fit()``, with Ctrl-C raising KeyboardInterrupt out of it: Tune's own handler would
+    end the search quietly and hand back its trials so far, from which a best value would be
+    chosen and the cell marked done. An interrupted cell's search runs again from its start."""
+    before = os.environ.get(_NO_TUNE_SIGINT)
+    os.environ[_NO_TUNE_SIGINT] = "1"
+    try:
+        return tuner.fit()
+    finally:
+        if before is None:
+            del os.environ[_NO_TUNE_SIGINT]
+        else:
+            os.environ[_NO_TUNE_SIGINT] = before
 
 
 def _distribution(dist: dict[str, list]) -> Any:

@@ -298,6 +298,17 @@ def test_a_search_tunes_each_cell_on_validation_and_feeds_a_grid(tmp_path, ray_s
     assert all(f"train.lr={best['set']['train.lr']}" in c.overrides for c in cells)
 
 
+def test_a_search_whose_trials_fail_chooses_nothing_and_says_why(tmp_path, ray_session, capsys):
+    # The check before running samples each range's low end (3 clients a round: valid); the
+    # trials draw from 3 to 99 of tiny.yaml's 10 clients, so they fail in the trial itself.
+    settings = {"rounds": 1, "worker.count": 1, "eval.max_examples": 20}
+    path = _study_file(tmp_path, {"method": ["lora"]}, settings=settings, search={"clients.per_round": {"randint": [3, 100]}}, trials=2)
+    assert study.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "cell method=lora: 2 of its search trials failed, so no value was chosen" in err and "clients.per_round" in err
+    assert not (tmp_path / "out" / "best.yaml").exists()
+
+
 @pytest.mark.skipif(not os.environ.get("RAYSIM_LONG"), reason="about 90 s: a study interrupted with SIGINT; set RAYSIM_LONG=1")
 def test_tuner_restore_finishes_an_interrupted_study(tmp_path):
     settings = {"rounds": 3, "worker.count": 1, "train.local_steps": 2, "eval.max_examples": 20, "ray.num_cpus": 2}
