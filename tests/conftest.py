@@ -1,8 +1,6 @@
 import contextlib
 import os
 import signal
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -104,18 +102,48 @@ def by_module(products):
     return {m: [p[m] for p in products] for m in products[0]}
 
 
-def round_killing_a_worker(sim, worker: int, after_s: float) -> dict:
-    """Run one round and SIGKILL worker ``worker``'s process ``after_s`` seconds into it; the row."""
-    import ray
+class DiesInStage:
+    """A worker's actor handle whose first call of ``method`` is sent and then the worker's process
+    SIGKILLed: the worker dies in that stage of the round (its call queued or running), whatever
+    the machine's speed."""
 
-    pid = ray.get(sim.workers[worker].ready.remote()).pid
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(sim.run_round()))
-    thread.start()
-    time.sleep(after_s)
-    os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=180)
-    result["killed_pid"] = pid
+    def __init__(self, handle, method: str):
+        import ray
+
+        self._handle, self._method, self.fired = handle, method, False
+        self.pid = ray.get(handle.ready.remote()).pid
+
+    def __getattr__(self, name):
+        call = getattr(self._handle, name)
+        return call if name != self._method or self.fired else _SendThenKill(self, call)
+
+
+class _SendThenKill:
+    def __init__(self, proxy: DiesInStage, call):
+        self._proxy, self._call = proxy, call
+
+    def options(self, **options):
+        return _SendThenKill(self._proxy, self._call.options(**options))
+
+    def remote(self, *args, **kwargs):
+        refs = self._call.remote(*args, **kwargs)
+        os.kill(self._proxy.pid, signal.SIGKILL)
+        self._proxy.fired = True
+        return refs
+
+
+def round_killing_a_worker(sim, worker: int, stage: str = "train_clients") -> dict:
+    """Run one round with worker ``worker``'s process SIGKILLed as soon as the round's first
+    ``stage`` call is sent to it; the row. (A kill after a fixed delay landed after the round on
+    a fast machine.)"""
+    real = sim.workers[worker]
+    dying = sim.workers[worker] = DiesInStage(real, stage)
+    try:
+        result = dict(sim.run_round())
+    finally:
+        sim.workers[worker] = real
+    assert dying.fired, f"the round made no {stage} call on worker {worker}"
+    result["killed_pid"] = dying.pid
     return result
 
 

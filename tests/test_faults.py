@@ -20,7 +20,7 @@ from raysim import Simulation, UserError
 from raysim.config import CONFIG_DIR
 from raysim.runtime.placement import balance
 
-from conftest import round_killing_a_worker, tiny_config
+from conftest import DiesInStage, round_killing_a_worker, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -38,21 +38,18 @@ def test_a_worker_gone_for_good_is_retired_and_later_rounds_lose_nothing(tmp_pat
     8 clients in every later round."""
     cfg = tiny_config(
         tmp_path, "clients.num=60", "clients.per_round=12", "worker.count=3", "worker.num_cpus=0.5", "worker.max_restarts=0",
-        "train.local_steps=30", "eval.max_examples=60", *DP,
+        "train.local_steps=2", "eval.max_examples=60", *DP,
     )
     with Simulation(cfg) as sim:
         sim.set_clients(per_round=60)  # every client trains once: each has an accounting history
-        sim.set_train(local_steps=2)
         sim.run_round()
         sim.set_clients(per_round=12)
-        sim.set_train(local_steps=30)
         owned = list(sim.worker_clients[0])
-        fault = round_killing_a_worker(sim, 0, 1.0)
+        fault = round_killing_a_worker(sim, 0)
         steps_before = {c: _steps(sim, c) for c in owned}
         assert fault["dropped"] > 0 and fault["clients"] + fault["dropped"] == 12
         assert sim.live == [1, 2] and sim.worker_clients[0] == []
         assert sorted(c for w in (1, 2) for c in sim.worker_clients[w]) == list(range(60))
-        sim.set_train(local_steps=2)
         later = [sim.run_round() for _ in range(3)]
         assert [(r["clients"], r["dropped"]) for r in later] == [(12, 0)] * 3
         # Its evaluation slice was taken over: every row is scored, as before the fault.
@@ -108,33 +105,6 @@ def test_a_hung_worker_is_a_straggler_dropped_for_the_round_and_restarted(tmp_pa
         assert ray.get(sim.workers[0].ready.remote()).pid != pid
 
 
-class _DiesInStage:
-    """A worker's actor handle whose first call of ``method`` is sent and then the worker's process
-    SIGKILLed: the worker dies in that stage of the round (its call queued or running)."""
-
-    def __init__(self, handle, method: str):
-        self._handle, self._method, self.fired = handle, method, False
-        self._pid = ray.get(handle.ready.remote()).pid
-
-    def __getattr__(self, name):
-        call = getattr(self._handle, name)
-        return call if name != self._method or self.fired else _SendThenKill(self, call)
-
-
-class _SendThenKill:
-    def __init__(self, proxy: _DiesInStage, call):
-        self._proxy, self._call = proxy, call
-
-    def options(self, **options):
-        return _SendThenKill(self._proxy, self._call.options(**options))
-
-    def remote(self, *args, **kwargs):
-        refs = self._call.remote(*args, **kwargs)
-        os.kill(self._proxy._pid, signal.SIGKILL)
-        self._proxy.fired = True
-        return refs
-
-
 PLAIN_STAGES = ["hand_over", "train_clients", "evaluate"]
 SECAGG_STAGES = ["secagg_advertise", "secagg_share_keys", "train_clients", "secagg_unmask"]
 STAGE_CASES = [
@@ -163,7 +133,7 @@ def test_a_worker_killed_in_any_stage_costs_at_most_its_clients_in_that_round(tm
             assert moves, "round 2 moves no client: pick another clients.per_round"
             w = moves[0][1]
         real = sim.workers[w]
-        dying = sim.workers[w] = _DiesInStage(real, stage)
+        dying = sim.workers[w] = DiesInStage(real, stage)
         try:
             hit = sim.run_round()
         finally:
