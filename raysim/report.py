@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
-from raysim.config import UserError, flatten
+from raysim.config import RaysimConfig, UserError, flatten
 
 # Keys that never make two runs different settings.
 _NOT_A_SETTING = ("seed", "output_dir", "overwrite", "resume", "checkpoint", "ray", "worker")
@@ -56,7 +56,14 @@ def _settings(saved: Any) -> Any:
         return OmegaConf.to_container(saved, resolve=False)
 
 
-def load_run(path: Path) -> Run:
+def _defaults() -> dict[str, Any]:
+    return flatten(OmegaConf.to_container(OmegaConf.structured(RaysimConfig), resolve=False))
+
+
+def load_run(path: Path, defaults: dict[str, Any] | None = None) -> Run:
+    """A run's config, rows and summary. A key its config lacks (one added to raysim after the run)
+    reads as the key's default, which is how the run behaved: so a run saved before ``attack.*``
+    existed is the same setting as one saved after with no attack."""
     try:
         config = _settings(OmegaConf.load(path / "config.yaml"))
         rows = pq.read_table(path / "metrics.parquet").to_pylist()
@@ -64,7 +71,7 @@ def load_run(path: Path) -> Run:
         raise UserError(f"{path}: cannot read the run ({err})") from None
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return Run(path, flatten(config), rows, summary)
+    return Run(path, {**(_defaults() if defaults is None else defaults), **flatten(config)}, rows, summary)
 
 
 def _varying_keys(runs: list[Run]) -> list[str]:
@@ -110,9 +117,11 @@ def _determined(runs: list[Run], key: str, by: list[str]) -> bool:
 def comparison_rows(runs: list[Run], key: str) -> dict[str, list[Run]]:
     """The rows of a comparison along ``key``: runs grouped by the keys in which they differ, except
     ``key`` and the keys that ``key`` and the rest fix (a learning rate chosen per method, the client
-    count that goes with a partition), so that each row holds every value of ``key``."""
+    count that goes with a partition), so that each row holds every value of ``key``. Of two keys
+    that fix each other (a rate tuned per method and privacy level fixes the level, given the
+    method), the one with more values goes: the coarser one is the grid's axis."""
     keys = [k for k in _varying_keys(runs) if k != key]
-    for k in list(keys):
+    for k in sorted(keys, key=lambda k: (-len({repr(r.config.get(k)) for r in runs}), k)):
         if _determined(runs, k, [o for o in keys if o != k] + [key]):
             keys.remove(k)
     return _group(runs, keys)
@@ -309,7 +318,8 @@ def report(paths: list[str | Path], out: str | Path, compare: str | None = None,
     if baseline is not None and not compare:
         raise UserError("--baseline: needs --compare KEY (a value of KEY to measure the others against)")
     out = Path(out)
-    found = [load_run(p) for p in find_runs(paths)]
+    defaults = _defaults()
+    found = [load_run(p, defaults) for p in find_runs(paths)]
     # A run without summary.json has not finished (or is still running): shown apart, not averaged.
     runs = [r for r in found if r.summary]
     unfinished = [r for r in found if not r.summary]

@@ -81,6 +81,35 @@ def test_compare_puts_methods_side_by_side_with_differences_paired_by_seed(tmp_p
         report.report([tmp_path / "study" / "iid-lora-0", tmp_path / "study" / "iid-ffa_lora-0"], tmp_path / "r3", compare="data.partition")
 
 
+def test_rates_tuned_per_method_and_privacy_and_keys_older_runs_lack_do_not_split_a_comparison(tmp_path):
+    # methods.yaml beside ffa_vs_lora.yaml: each method's rate tuned per privacy level (so, given
+    # the method, rate and level fix each other), Fed-SB at its own rank, and FFA-LoRA's runs saved
+    # before attack.* existed. The rows must be the privacy levels, each holding both methods.
+    rates = {("ffa_lora", "none"): 0.02, ("ffa_lora", "eps3"): 0.05, ("fed_sb", "none"): 0.044, ("fed_sb", "eps3"): 0.01}
+    finals = {}
+    for (method, level), lr in rates.items():
+        for seed in (0, 1):
+            path = tmp_path / "study" / f"{method}-{level}-{seed}"
+            finals[method, level, seed] = 0.6 + 0.01 * seed + (0.05 if level == "none" else 0) + (0.02 if method == "fed_sb" else 0)
+            _fake_run(path, method, seed, [0.3, finals[method, level, seed] - 0.01])
+            config = OmegaConf.load(path / "config.yaml")
+            config.train = {"lr": lr}
+            config.privacy = {"target_epsilon": 3.0 if level == "eps3" else None}
+            config.lora = {"rank": 64 if method == "fed_sb" else 8}
+            if method == "fed_sb":  # saved after attack.* was added: the default, written out
+                config.attack = {"fraction": 0.0}
+            (path / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    text = report.report([tmp_path / "study"], tmp_path / "report", compare="method", baseline="ffa_lora").read_text()
+    for level, epsilon in (("none", None), ("eps3", 3.0)):
+        rows = [line for line in text.splitlines() if line.startswith(f"| privacy.target_epsilon={epsilon} |")]
+        assert len(rows) == 2, text  # the side-by-side table and the baseline's
+        for method in ("fed_sb", "ffa_lora"):
+            accs = [finals[method, level, seed] for seed in (0, 1)]
+            assert f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f} (n=2)" in rows[0]
+        assert "0.0200 ± 0.0000 (2/2 ahead)" in rows[1]
+    assert "attack.fraction" not in text
+
+
 def test_baseline_gives_every_other_value_its_difference_paired_by_seed(tmp_path):
     finals = {"ffa_lora": [0.60, 0.62, 0.58], "fed_sb": [0.63, 0.61, 0.66], "lora": [0.55, 0.64]}  # lora lacks seed 2
     for method, accs in finals.items():
