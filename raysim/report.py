@@ -14,7 +14,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
@@ -31,6 +31,9 @@ class Run:
     config: dict[str, Any]  # flattened: "privacy.target_epsilon" -> 3.0
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
+
+
+Metric = Callable[[Run], float | None]  # a run's final value of something, None where it has none
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -142,6 +145,15 @@ def _final_accuracy(run: Run) -> float | None:
     return finite[-1] if finite else None
 
 
+def _final_attack_success(run: Run) -> float | None:
+    """A backdoor run's share of triggered rows classified as the target (summary.json); else the
+    last per-round one; None for a run without a backdoor."""
+    if run.summary.get("final_attack_success") is not None:
+        return float(run.summary["final_attack_success"])
+    finite = [r["attack_success"] for r in run.rows if r.get("attack_success") is not None and math.isfinite(r["attack_success"])]
+    return finite[-1] if finite else None
+
+
 def _epsilon(run: Run) -> float | None:
     privacy = run.summary.get("privacy") or {}
     if "epsilon" in privacy:
@@ -151,11 +163,13 @@ def _epsilon(run: Run) -> float | None:
 
 
 def table(groups: dict[str, list[Run]]) -> str:
-    """Markdown: per setting, mean ± std over seeds of final accuracy, epsilon spent and uplink."""
+    """Markdown: per setting, mean ± std over seeds of final accuracy, epsilon spent and uplink, and
+    of the backdoor's success where some run has a backdoor."""
     split = next(iter(groups.values()))[0].config.get("eval.split", "test")
+    backdoor = any(_final_attack_success(r) is not None for runs in groups.values() for r in runs)
     lines = [
-        f"| setting | seeds | rounds | final {split} accuracy | ε spent | uplink MB |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| setting | seeds | rounds | final {split} accuracy | ε spent | uplink MB |" + (" backdoor success |" if backdoor else ""),
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if backdoor else ""),
     ]
     for name, runs in groups.items():
         accuracy = _mean_std([_final_accuracy(r) for r in runs])
@@ -166,6 +180,7 @@ def table(groups: dict[str, list[Run]]) -> str:
         lines.append(
             f"| {name} | {len(runs)} | {'/'.join(map(str, rounds))} | {_pm(accuracy, 4)} | "
             f"{'—' if eps is None else _pm(eps, 2)} | {_pm(uplink, 2)} |"
+            + (f" {_pm(_mean_std([_final_attack_success(r) for r in runs]), 4)} |" if backdoor else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -181,27 +196,27 @@ def compare_values(runs: list[Run], key: str) -> list[str]:
     return values
 
 
-def _paired_differences(runs: list[Run], key: str, first: str, second: str) -> list[float]:
-    """Final accuracy of ``key=first`` minus ``key=second``, one difference per seed both ran (same
-    seed, same data and sampling)."""
+def _paired_differences(runs: list[Run], key: str, first: str, second: str, metric: Metric = _final_accuracy) -> list[float]:
+    """``metric`` of ``key=first`` minus that of ``key=second``, one difference per seed both ran
+    (same seed, same data and sampling)."""
     def by_seed(value: str) -> dict[Any, float | None]:
-        return {r.config.get("seed"): _final_accuracy(r) for r in runs if str(r.config.get(key)) == value}
+        return {r.config.get("seed"): metric(r) for r in runs if str(r.config.get(key)) == value}
 
     a, b = by_seed(first), by_seed(second)
     return [x - y for seed, x in a.items() if x is not None and (y := b.get(seed)) is not None]
 
 
-def compare_table(rows: dict[str, list[Run]], key: str, values: list[str]) -> str:
-    """Markdown: a row per setting, a column per value of ``key`` (mean ± std over seeds of the final
-    accuracy). With two values, their difference paired by seed and how many seeds the first wins."""
+def compare_table(rows: dict[str, list[Run]], key: str, values: list[str], metric: Metric = _final_accuracy) -> str:
+    """Markdown: a row per setting, a column per value of ``key`` (mean ± std over seeds of
+    ``metric``). With two values, their difference paired by seed and how many seeds the first wins."""
     paired = len(values) == 2
     head = [f"{key}={v}" for v in values] + ([f"{values[0]} − {values[1]}, paired by seed", f"seeds {values[0]} ahead"] if paired else [])
     lines = ["| setting | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
     for name, runs in rows.items():
         by_value = {v: [r for r in runs if str(r.config.get(key)) == v] for v in values}
-        cells = [f"{_pm(_mean_std([_final_accuracy(r) for r in by_value[v]]), 4)} (n={len(by_value[v])})" for v in values]
+        cells = [f"{_pm(_mean_std([metric(r) for r in by_value[v]]), 4)} (n={len(by_value[v])})" for v in values]
         if paired:
-            diffs = _paired_differences(runs, key, *values)
+            diffs = _paired_differences(runs, key, values[0], values[1], metric)
             cells += [_pm(_mean_std(diffs), 4), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -311,7 +326,8 @@ def compare_plot(rows: dict[str, list[Run]], key: str, values: list[str], path: 
 
 
 def report(paths: list[str | Path], out: str | Path, compare: str | None = None, baseline: str | None = None) -> Path:
-    """Write OUT/report.md (the table) and OUT/accuracy.png, OUT/train_loss.png; returns report.md.
+    """Write OUT/report.md (the table) and OUT/accuracy.png, OUT/train_loss.png (and, where runs
+    have a backdoor, OUT/attack_success.png and its success in the tables); returns report.md.
     With ``compare`` (a config key such as ``method``), report.md starts with a table that puts its
     values side by side for each setting, and the plots get a panel per setting; with ``baseline``
     (one of its values), a second table gives every other value's difference from it, paired by seed."""
@@ -326,7 +342,8 @@ def report(paths: list[str | Path], out: str | Path, compare: str | None = None,
     if not runs:
         raise UserError(f"no finished run (one with summary.json) among {len(found)} found")
     groups = settings(runs)
-    plotted = {"accuracy": "eval_accuracy", "train_loss": "train_loss"}  # file name -> metric
+    backdoor = any(_final_attack_success(r) is not None for r in runs)
+    plotted = {"accuracy": "eval_accuracy", "train_loss": "train_loss"} | ({"attack_success": "attack_success"} if backdoor else {})  # file name -> metric
     if compare:
         values = compare_values(runs, compare)
         if baseline is not None and baseline not in values:
@@ -335,7 +352,12 @@ def report(paths: list[str | Path], out: str | Path, compare: str | None = None,
         images = [f"![{name}]({compare_plot(rows, compare, values, out / f'{name}.png', metric).name})" for name, metric in plotted.items()]
         split = runs[0].config.get("eval.split", "test")
         against = [f"Against {compare}={baseline}: final {split} accuracy minus the baseline's, paired by seed.", "", baseline_table(rows, compare, values, baseline)] if baseline else []
-        head = [f"## {compare}, side by side", "", f"Final {split} accuracy, mean ± std over seeds.", "", compare_table(rows, compare, values), *against, *images, "", "## Every setting", ""]
+        attack = [
+            "The backdoor's success: the share of triggered test rows of other labels classified as its target, mean ± std over seeds.",
+            "",
+            compare_table({n: r for n, r in rows.items() if any(_final_attack_success(x) is not None for x in r)}, compare, values, _final_attack_success),
+        ] if backdoor else []
+        head = [f"## {compare}, side by side", "", f"Final {split} accuracy, mean ± std over seeds.", "", compare_table(rows, compare, values), *against, *attack, *images, "", "## Every setting", ""]
         images = []
     else:
         images = [f"![{name}]({plot(groups, out / f'{name}.png', metric).name})" for name, metric in plotted.items()] + [""]

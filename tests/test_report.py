@@ -142,6 +142,43 @@ def test_settings_and_compared_values_are_in_numeric_order(tmp_path):
     assert list(report.settings(runs))[:2] == ["lora.alpha=8, method=ffa_lora", "lora.alpha=8, method=lora"]
 
 
+def test_backdoor_runs_get_their_success_in_the_tables_and_a_plot(tmp_path):
+    # poisoning.yaml's shape: aggregators compared per attack; only the backdoor cells measure a
+    # success. The clean cells must not get a success row, and a report of clean runs no column.
+    success = {("backdoor", "mean"): [0.90, 0.70, 0.80], ("backdoor", "median"): [0.20, 0.40, 0.15]}
+    for attack in ("none", "backdoor"):
+        for aggregator in ("mean", "median"):
+            for seed in range(3):
+                path = tmp_path / "study" / f"{attack}-{aggregator}-{seed}"
+                _fake_run(path, "ffa_lora", seed, [0.5, 0.6])
+                config = OmegaConf.load(path / "config.yaml")
+                config.attack = {"kind": attack}
+                config.server = {"aggregator": aggregator}
+                (path / "config.yaml").write_text(OmegaConf.to_yaml(config))
+                if attack == "backdoor":
+                    rows = pq.read_table(path / "metrics.parquet").to_pylist()
+                    for row, value in zip(rows, (0.1, success[attack, aggregator][seed] - 0.05)):
+                        row["attack_success"] = value
+                    pq.write_table(pa.Table.from_pylist(rows), path / "metrics.parquet")
+                    summary = json.loads((path / "summary.json").read_text())
+                    (path / "summary.json").write_text(json.dumps({**summary, "final_attack_success": success[attack, aggregator][seed]}))
+    text = report.report([tmp_path / "study"], tmp_path / "report", compare="server.aggregator").read_text()
+    attack_table = text.split("The backdoor's success")[1].split("## Every setting")[0]
+    rows = [line for line in attack_table.splitlines() if line.startswith("| attack.kind=")]
+    assert [r.split(" |")[0] for r in rows] == ["| attack.kind=backdoor"]
+    mean, median = success["backdoor", "mean"], success["backdoor", "median"]
+    diffs = [a - b for a, b in zip(mean, median)]
+    for expected in (f"{statistics.fmean(mean):.4f} ± {statistics.stdev(mean):.4f} (n=3)", f"{statistics.fmean(diffs):.4f} ± {statistics.stdev(diffs):.4f}", "| 3/3 |"):
+        assert expected in rows[0]
+    setting = next(line for line in text.splitlines() if line.startswith("| attack.kind=backdoor, server.aggregator=median |"))
+    assert setting.endswith(f"| {statistics.fmean(median):.4f} ± {statistics.stdev(median):.4f} |")
+    clean = next(line for line in text.splitlines() if line.startswith("| attack.kind=none, server.aggregator=mean |"))
+    assert clean.endswith("| — |")
+    assert (tmp_path / "report" / "attack_success.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    clean_only = report.report([tmp_path / "study" / "none-mean-0", tmp_path / "study" / "none-median-0"], tmp_path / "r2").read_text()
+    assert "backdoor success" not in clean_only and not (tmp_path / "r2" / "attack_success.png").exists()
+
+
 def test_report_names_a_directory_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: holds no run"):
