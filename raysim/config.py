@@ -215,8 +215,8 @@ class ServerConfig:
     # How the clients' updates are combined before the server optimizer (raysim/robust/): mean
     # (weighted FedAvg), or, against poisoning clients, median or trimmed_mean (coordinate-wise),
     # krum or multi_krum (on each client's update, so not with SecAgg or central DP), or
-    # norm_bound (each client clips its update to norm_bound before the weighted mean; allowed
-    # under SecAgg, where a malicious client may skip it).
+    # norm_bound (each update clipped to norm_bound before the weighted mean: by the server, or
+    # under SecAgg by each client itself, where a malicious client may skip it).
     aggregator: str = "mean"
     # trimmed_mean: the fraction of values dropped at each end of each coordinate, in [0, 0.5).
     trim_fraction: float = 0.1
@@ -224,7 +224,8 @@ class ServerConfig:
     byzantine: int = 1
     # multi_krum: how many of the best-scored updates to average (0: clients per round - byzantine).
     krum_select: int = 0
-    # norm_bound: the L2 bound M on each client's update.
+    # norm_bound: the L2 bound M on each client's update; the metrics' update_norm column shows
+    # the honest clients' norms, which a useful M sits near (far below, honest clients stop learning).
     norm_bound: float = 1.0
 
 
@@ -286,8 +287,8 @@ class AttackConfig:
     # Poisoning clients (raysim/attacks/): this fraction of clients.num, drawn from the seed, is
     # malicious. 0: every client is honest.
     fraction: float = 0.0
-    # What they do: sign_flip, scale, gaussian (to their message; they also skip norm_bound's
-    # clipping) or label_flip, backdoor (to their training rows; classification only).
+    # What they do: sign_flip, scale, gaussian (to their message; under SecAgg they also skip
+    # norm_bound's clipping) or label_flip, backdoor (to their training rows; classification only).
     kind: str = "sign_flip"
     # scale: the factor a model-replacement update is boosted by.
     scale: float = 10.0

@@ -6,7 +6,7 @@ import pytest
 
 from raysim import Simulation
 
-from conftest import client_results, tiny_config
+from conftest import client_results, secagg_mean_error_bound, tiny_config
 
 SETTINGS = ["runtime=local", "clients.per_round=7", "train.local_steps=3", "eval.max_examples=20", "server.lr=0.5"]
 
@@ -57,35 +57,54 @@ def test_one_round_moves_the_adapter_by_the_rule_over_the_clients_updates(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "attack, aggregator",
-    [("sign_flip", "mean"), ("scale", "norm_bound")],
+    "attack, aggregator, secure",
+    [("sign_flip", "mean", False), ("scale", "norm_bound", False), ("scale", "norm_bound", True)],
 )
-def test_malicious_clients_poison_their_update_and_skip_norm_bound(tmp_path, attack, aggregator):
-    """A third of the clients attack. Expected: the weighted mean of the honest updates (clipped
-    under norm_bound) and the attackers' poisoned, unclipped ones."""
+def test_malicious_clients_poison_their_update_and_skip_norm_bound_only_under_secagg(tmp_path, attack, aggregator, secure):
+    """A third of the clients attack. Expected: the weighted mean of the honest updates and the
+    attackers' poisoned ones, each clipped under norm_bound (by the server), except the attackers'
+    under SecAgg, where each client clips its own and they skip it. The update_norm column is the
+    median of the clients' norms before any of that."""
     from raysim.attacks import malicious_clients
 
     cfg = tiny_config(
-        tmp_path, *SETTINGS, f"attack.kind={attack}", "attack.fraction=0.3", "attack.scale=5", f"server.aggregator={aggregator}", "server.norm_bound=0.01"
+        tmp_path,
+        *SETTINGS,
+        f"attack.kind={attack}",
+        "attack.fraction=0.3",
+        "attack.scale=5",
+        f"server.aggregator={aggregator}",
+        "server.norm_bound=0.01",
+        f"secagg.enabled={secure}",
+        "secagg.clip_range=1.0",
+        "secagg.bits=24",
     )
     with Simulation(cfg) as sim:
         sampled = sim.backend.get(sim.server.sample.remote(1, 7))
-        sim.run_round()
+        row = sim.run_round()
         got = sim.global_adapter()
     attackers = set(malicious_clients(cfg.seed, cfg.clients.num, 0.3))
     assert attackers & set(sampled) and set(sampled) - attackers
     start, finals, weights, _ = client_results(cfg, sampled)
     names, deltas = _deltas(start, finals)
+    norms = np.linalg.norm(deltas, axis=1)
+    assert row["update_norm"] == pytest.approx(np.median(norms), rel=1e-4)
+    assert norms.min() > 0.01  # norm_bound binds for every client
     for i, c in enumerate(sampled):
         if c in attackers:
             deltas[i] *= -1.0 if attack == "sign_flip" else 5.0
-        elif aggregator == "norm_bound":
-            deltas[i] *= min(1.0, 0.01 / np.linalg.norm(deltas[i]))
+        if aggregator == "norm_bound" and not (secure and c in attackers):
+            deltas[i] *= 0.01 / np.linalg.norm(deltas[i])
     update = (np.asarray(weights)[:, None] * deltas).sum(axis=0) / sum(weights)
+    if secure:
+        assert row["secagg_clipped"] == 0
+        relative = np.asarray(weights) / max(weights)
     offset = 0
     for k in names:
         size = start[k].size
-        np.testing.assert_allclose(got[k], start[k] + 0.5 * update[offset : offset + size].reshape(start[k].shape), rtol=1e-4, atol=1e-6, err_msg=k)
+        mean = update[offset : offset + size].reshape(start[k].shape)
+        tolerance = 0.5 * secagg_mean_error_bound(len(sampled), relative.sum(), mean, 1.0, 24) if secure else 1e-4 * np.abs(start[k] + 0.5 * mean)
+        assert np.all(np.abs(got[k] - (start[k] + 0.5 * mean)) <= tolerance + 1e-6), k
         offset += size
 
 

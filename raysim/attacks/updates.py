@@ -8,8 +8,9 @@ built them, as the client would before sending:
 - ``gaussian``: the update replaced by N(0, attack.noise_std^2) noise (Blanchard et al., NeurIPS
   2017's Gaussian Byzantine workers), drawn from (seed, round, client).
 
-A malicious client also skips ``server.aggregator: norm_bound``'s clipping, which each client
-applies to itself (raysim.runtime.host)."""
+Under secure aggregation a malicious client also skips ``server.aggregator: norm_bound``'s
+clipping, which each client then applies to itself; without it the server clips every update
+(raysim.runtime.host)."""
 
 from __future__ import annotations
 

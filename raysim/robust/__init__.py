@@ -4,10 +4,11 @@ file per rule with its paper, no Ray. Each takes the sampled clients' updates as
 server to each client's update.
 
 ``server.aggregator: norm_bound`` (Sun, Kairouz, Suresh, McMahan, "Can you really backdoor
-federated learning?", 2019, Section 4) is not here: each client scales its own update to an L2
-norm of at most ``server.norm_bound`` before the weighted sum (raysim.runtime.host, with DP's
-``clip_update``), which caps what a boosted model-replacement update can move and works under
-secure aggregation too, where a malicious client may skip it."""
+federated learning?", 2019, Section 4) is not here: each update is scaled to an L2 norm of at
+most ``server.norm_bound`` before the weighted sum (raysim.runtime.host, with DP's
+``clip_update``), which caps what a boosted model-replacement update can move. The server does
+it, as in the paper; under secure aggregation, where it sees no update, each client does it to
+itself and a malicious client may skip it."""
 
 from __future__ import annotations
 

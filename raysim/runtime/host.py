@@ -34,7 +34,7 @@ from raysim.client_rank import ClientRank
 from raysim.config import PER_UPDATE_AGGREGATORS, USER_LEVEL_MODES
 from raysim.model import MERGED_BASE_FILE, adapted_base_weights, adapter_state, base_model_name, build_model, frozen_lora_a, quiet_load, trainable_parameters
 from raysim.privacy.budget import ClientPrivacy
-from raysim.privacy.central_dp import clip_update
+from raysim.privacy.central_dp import clip_update, update_norm
 from raysim.runtime.host_secagg import SecAggClients
 from raysim.secagg.encoding import ring_mask
 from raysim.runtime.messages import LocalDPPlan, MaskedPayload, SecAggEncoding, TrainSettings, WorkerPayload, WorkerReady, WorkerReport
@@ -321,13 +321,16 @@ class ClientHost(SecAggClients):
         # Central and distributed DP bound each client's contribution, so each counts once (DP-FedAvg).
         central = self.privacy.mode in USER_LEVEL_MODES
         per_client = self.method.aggregation is Aggregation.PER_CLIENT
-        # server.aggregator: a per-update rule needs each client's update; norm_bound (Sun et al.
-        # 2019) is applied here, by each client to its own update, before the sum or SecAgg.
+        # server.aggregator: a per-update rule needs each client's update. norm_bound (Sun et al.
+        # 2019, Section 4) is applied here, before the sum: without SecAgg by the server, which sees
+        # each update (this worker sums on its behalf), so no client escapes it; under SecAgg by
+        # each client to its own update before masking, which a malicious client may skip.
         per_update = self.cfg.server.aggregator in PER_UPDATE_AGGREGATORS
         norm_bound = self.cfg.server.norm_bound if self.cfg.server.aggregator == "norm_bound" else None
         start_state = self._take(global_state)
         delta_sum: dict[str, torch.Tensor] = {}
         secure = inbox is not None
+        norms: list[float] = []
         sketches = self._sketches(round_idx) if self.want_products and not central and not secure and not per_update else None
         product_sum: dict[str, torch.Tensor] = {}
         messages: list[tuple[int, float, Message]] = []
@@ -353,10 +356,11 @@ class ClientHost(SecAggClients):
                         "per-sample gradients (is the model in train mode?)"
                     )
                 summable = message.summable
-                if cid in self.attackers:  # it sends what it likes, and skips norm_bound's clipping
+                norms.append(update_norm(summable))
+                if cid in self.attackers:  # it sends what it likes
                     a = self.cfg.attack
                     summable = poisoned_update(a.kind, summable, a.scale, a.noise_std, self.cfg.seed, round_idx, cid)
-                elif norm_bound is not None:
+                if norm_bound is not None and not (secure and cid in self.attackers):
                     summable, _ = clip_update(summable, norm_bound)
                 if central:
                     summable, _ = clip_update(summable, self.privacy.clip_norm)
@@ -394,6 +398,7 @@ class ClientHost(SecAggClients):
             uplink_bytes=sent_bytes,
             privacy=privacy,
             secagg_clipped=clipped,
+            update_norms=norms,
             method_state_clients=sorted(kept),
         )
         if secure:

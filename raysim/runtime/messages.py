@@ -47,6 +47,9 @@ class WorkerReport:
     uplink_bytes: int  # the real size of the clients' messages
     privacy: dict[int, ClientPrivacy] = field(default_factory=dict)
     secagg_clipped: int = 0  # values clipped before encoding (secure aggregation)
+    # each client's L2 norm of its method's message, before attacks and clipping: a simulator's
+    # view (under SecAgg the server sees none) for setting server.norm_bound and DP's clip norm
+    update_norms: list[float] = field(default_factory=list)
     method_state_clients: list[int] = field(default_factory=list)  # whose method state the third object holds
 
 

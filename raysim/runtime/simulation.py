@@ -379,6 +379,7 @@ class Simulation:
             "dropped": len(sampled) - completed,
             "train_loss": sum(r.loss_sum for r in reports) / trained_clients if trained_clients else math.nan,
             "aggregation_error": server_report.aggregation_error,
+            "update_norm": float(np.median(norms)) if (norms := [n for r in reports for n in r.update_norms]) else math.nan,
             "uplink_bytes": uplink,
             "downlink_bytes": sum(downlink_by_rank[self.method.rank_of(c)] for c in sampled),
             "train_s": slowest.train_s if slowest else 0.0,
