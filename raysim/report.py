@@ -122,9 +122,11 @@ def comparison_rows(runs: list[Run], key: str) -> dict[str, list[Run]]:
     ``key`` and the keys that ``key`` and the rest fix (a learning rate chosen per method, the client
     count that goes with a partition), so that each row holds every value of ``key``. Of two keys
     that fix each other (a rate tuned per method and privacy level fixes the level, given the
-    method), the one with more values goes: the coarser one is the grid's axis."""
+    method), the one with more values goes: the coarser one is the grid's axis; with as many
+    values each (a rate per method), the more nested one goes, so the row keeps the name that
+    says what the cell is (method, not train.lr)."""
     keys = [k for k in _varying_keys(runs) if k != key]
-    for k in sorted(keys, key=lambda k: (-len({repr(r.config.get(k)) for r in runs}), k)):
+    for k in sorted(keys, key=lambda k: (-len({repr(r.config.get(k)) for r in runs}), -k.count("."), k)):
         if _determined(runs, k, [o for o in keys if o != k] + [key]):
             keys.remove(k)
     return _group(runs, keys)

@@ -142,6 +142,20 @@ def test_settings_and_compared_values_are_in_numeric_order(tmp_path):
     assert list(report.settings(runs))[:2] == ["lora.alpha=8, method=ffa_lora", "lora.alpha=8, method=lora"]
 
 
+def test_a_rate_set_per_method_leaves_the_rows_named_by_method(tmp_path):
+    # poisoning.yaml: one rate per method, so method and train.lr fix each other with two values each.
+    for method, lr in (("ffa_lora", 0.05), ("lora", 0.02)):
+        for aggregator in ("mean", "median"):
+            path = tmp_path / "study" / f"{method}-{aggregator}"
+            _fake_run(path, method, 0, [0.5])
+            config = OmegaConf.load(path / "config.yaml")
+            config.train = {"lr": lr}
+            config.server = {"aggregator": aggregator}
+            (path / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    runs = [report.load_run(p) for p in report.find_runs([tmp_path / "study"])]
+    assert list(report.comparison_rows(runs, "server.aggregator")) == ["method=ffa_lora", "method=lora"]
+
+
 def test_backdoor_runs_get_their_success_in_the_tables_and_a_plot(tmp_path):
     # poisoning.yaml's shape: aggregators compared per attack; only the backdoor cells measure a
     # success. The clean cells must not get a success row, and a report of clean runs no column.
