@@ -116,3 +116,14 @@ def test_a_backdoor_run_reports_its_success_each_evaluation(tmp_path):
         sim.write_summary(final)
     assert all(0 <= r["attack_success"] <= 1 for r in rows) and 0 <= final["attack_success"] <= 1
     assert (tmp_path / "run" / "summary.json").read_text().count("final_attack_success") == 1
+
+
+def test_a_backdoor_at_fraction_zero_trains_as_a_clean_run_and_measures_the_base_rate(tmp_path):
+    rows = {}
+    for kind in ("sign_flip", "backdoor"):
+        cfg = tiny_config(tmp_path / kind, "runtime=local", "rounds=1", "train.local_steps=2", "eval.max_examples=40", f"attack.kind={kind}", "attack.fraction=0")
+        with Simulation(cfg) as sim:
+            rows[kind] = sim.run_round()
+    assert "attack_success" not in rows["sign_flip"] and 0 <= rows["backdoor"]["attack_success"] <= 1
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "update_norm"):
+        assert rows["backdoor"][key] == rows["sign_flip"][key], key

@@ -49,9 +49,11 @@ def check_inputs(cfg: DictConfig) -> tuple[Any, Any, PrivacyBudget]:
 
 
 def poison(cfg: DictConfig, plan: Any) -> Any:
-    """The plan with the malicious clients' rows poisoned, for a data attack (attack.*)."""
+    """The plan with the malicious clients' rows poisoned, for a data attack (attack.*). A backdoor
+    at fraction 0 poisons nothing but still gets its triggered rows, so that the run measures the
+    clean model's rate of putting them in the target class: the attack's base rate."""
     a = cfg.attack
-    if a.fraction == 0 or a.kind not in DATA_ATTACKS:
+    if a.kind not in DATA_ATTACKS or (a.fraction == 0 and a.kind != "backdoor"):
         return plan
     if a.target_label >= len(plan.label_names):
         raise ConfigError(f"attack.target_label: {a.target_label} is not an index into the {len(plan.label_names)} labels {plan.label_names}")
