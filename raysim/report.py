@@ -192,7 +192,10 @@ def compare_values(runs: list[Run], key: str) -> list[str]:
     distinct = {str(r.config.get(key)): r.config.get(key) for r in runs}
     values = sorted(distinct, key=lambda text: _order(distinct[text]))
     if not any(key in r.config for r in runs):
-        raise UserError(f"--compare: no run has the key '{key}' (e.g. method, lora.alpha, privacy.target_epsilon)")
+        varying = _varying_keys(runs)
+        named = [k for k in varying if k.endswith(f".{key}")]  # a study's axis is often named by its key's last part
+        hint = f"did you mean {' or '.join(named)}?" if named else f"these runs differ in: {', '.join(varying) or 'nothing but seed'}"
+        raise UserError(f"--compare: no run has the config key '{key}'; {hint}")
     if len(values) < 2:
         raise UserError(f"--compare: every run has {key}={values[0]}; nothing to compare")
     return values

@@ -193,6 +193,21 @@ def test_backdoor_runs_get_their_success_in_the_tables_and_a_plot(tmp_path):
     assert "backdoor success" not in clean_only and not (tmp_path / "r2" / "attack_success.png").exists()
 
 
+def test_compare_with_a_study_axis_name_points_to_its_config_key(tmp_path):
+    for seed in (0, 1):
+        for aggregator in ("mean", "median"):
+            path = tmp_path / "study" / f"aggregator={aggregator},seed={seed}"
+            _fake_run(path, "lora", seed, [0.5])
+            config = OmegaConf.load(path / "config.yaml")
+            config.server = {"aggregator": aggregator}
+            OmegaConf.save(config, path / "config.yaml")
+    with pytest.raises(UserError, match="'aggregator'; did you mean server.aggregator"):
+        report.report([tmp_path / "study"], tmp_path / "out", compare="aggregator")
+    with pytest.raises(UserError, match="'no_such.key'; these runs differ in: server.aggregator$"):
+        report.report([tmp_path / "study"], tmp_path / "out", compare="no_such.key")
+    assert main(["report", str(tmp_path / "study"), "--out", str(tmp_path / "out"), "--compare", "aggregator"]) == 2
+
+
 def test_report_names_a_directory_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: holds no run"):
