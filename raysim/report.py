@@ -133,10 +133,11 @@ def comparison_rows(runs: list[Run], key: str) -> dict[str, list[Run]]:
 
 
 def _mean_std(values: Iterable[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values; the deviation is NaN for one value."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return math.nan, math.nan
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else math.nan
 
 
 def _final_accuracy(run: Run) -> float | None:
@@ -243,7 +244,9 @@ def baseline_table(rows: dict[str, list[Run]], key: str, values: list[str], base
 
 def _pm(mean_std: tuple[float, float], digits: int) -> str:
     mean, std = mean_std
-    return "—" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _curve(runs: list[Run], metric: str):

@@ -193,6 +193,15 @@ def test_backdoor_runs_get_their_success_in_the_tables_and_a_plot(tmp_path):
     assert "backdoor success" not in clean_only and not (tmp_path / "r2" / "attack_success.png").exists()
 
 
+def test_a_setting_with_one_seed_shows_no_spread(tmp_path):
+    _fake_run(tmp_path / "study" / "lora-0", "lora", 0, [0.5])
+    _fake_run(tmp_path / "study" / "ffa-0", "ffa_lora", 0, [0.6])
+    _fake_run(tmp_path / "study" / "ffa-1", "ffa_lora", 1, [0.7])
+    lines = report.report([tmp_path / "study"], tmp_path / "out", compare="method").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| all runs |"))
+    assert "| 0.6600 ± 0.0707 (n=2) | 0.5100 (n=1) |" in row  # a sample deviation needs two values
+
+
 def test_compare_with_a_study_axis_name_points_to_its_config_key(tmp_path):
     for seed in (0, 1):
         for aggregator in ("mean", "median"):
