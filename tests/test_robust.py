@@ -86,10 +86,12 @@ def test_median_and_trimmed_mean_stay_in_the_honest_range_under_a_minority_of_ou
             assert np.all(aggregate >= honest.min(axis=0)) and np.all(aggregate <= honest.max(axis=0))
 
 
-def test_the_configured_rule_dispatches_with_its_defaults():
+def test_the_configured_rule_dispatches_with_its_defaults_and_names_the_updates_it_kept():
     points = np.array([[0.0], [1.0], [2.0], [3.0], [100.0]])
-    assert RobustRule("multi_krum", byzantine=1).apply(points)[0] == 1.5  # m = n - f = 4: 0, 1, 2, 3
-    assert RobustRule("krum", byzantine=1).apply(points)[0] == 1.0
-    assert RobustRule("median").apply(points)[0] == 2.0
-    assert RobustRule("trimmed_mean", trim_fraction=0.2).apply(points)[0] == 2.0  # mean of 1, 2, 3
+    aggregate, kept = RobustRule("multi_krum", byzantine=1).apply(points)  # m = n - f = 4
+    assert aggregate[0] == 1.5 and kept is not None and kept.tolist() == [0, 1, 2, 3]
+    aggregate, kept = RobustRule("krum", byzantine=1).apply(points)  # 1 and 2 tie at 1 + 1; the lower index wins
+    assert aggregate[0] == 1.0 and kept is not None and kept.tolist() == [1]
+    assert RobustRule("median").apply(points)[0][0] == 2.0 and RobustRule("median").apply(points)[1] is None
+    assert RobustRule("trimmed_mean", trim_fraction=0.2).apply(points)[0][0] == 2.0  # mean of 1, 2, 3
     assert RobustRule("krum", byzantine=2).min_updates() == 7 and RobustRule("median").min_updates() == 1

@@ -108,6 +108,29 @@ def test_malicious_clients_poison_their_update_and_skip_norm_bound_only_under_se
         offset += size
 
 
+@pytest.mark.parametrize("aggregator, keep", [("krum", 1), ("multi_krum", 6), ("median", None)])
+def test_the_metrics_count_the_sampled_attackers_and_those_krum_kept(tmp_path, aggregator, keep):
+    """attackers: the malicious clients among the round's senders; attackers_kept: those among the
+    updates Krum or Multi-Krum averaged, here against a brute-force Krum over the poisoned updates
+    (boosted 3x, so close enough to the honest ones that Multi-Krum keeps some)."""
+    from raysim.attacks import malicious_clients
+
+    cfg = tiny_config(tmp_path, *SETTINGS, "attack.kind=scale", "attack.fraction=0.3", "attack.scale=3", f"server.aggregator={aggregator}")
+    with Simulation(cfg) as sim:
+        sampled = sim.backend.get(sim.server.sample.remote(1, 7))
+        row = sim.run_round()
+    attackers = [i for i, c in enumerate(sampled) if c in set(malicious_clients(cfg.seed, cfg.clients.num, 0.3))]
+    assert row["attackers"] == len(attackers) > 0
+    if keep is None:
+        assert "attackers_kept" not in row
+        return
+    start, finals, _, _ = client_results(cfg, sampled)
+    _, deltas = _deltas(start, finals)
+    deltas[attackers] *= 3.0
+    kept = _brute_force_krum_choice(deltas, 1)[:keep]
+    assert row["attackers_kept"] == len(set(kept) & set(attackers))
+
+
 def test_a_backdoor_run_reports_its_success_each_evaluation(tmp_path):
     cfg = tiny_config(tmp_path, "runtime=local", "rounds=2", "train.local_steps=2", "eval.max_examples=40", "attack.kind=backdoor", "attack.fraction=0.3")
     with Simulation(cfg) as sim:

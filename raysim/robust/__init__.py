@@ -35,14 +35,17 @@ class RobustRule:
     def min_updates(self) -> int:
         return 2 * self.byzantine + 3 if self.aggregator in ("krum", "multi_krum") else 1
 
-    def apply(self, updates: np.ndarray) -> np.ndarray:
+    def apply(self, updates: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the aggregate, the rows it averaged) - the rows for Krum and Multi-Krum, which pick
+        whole updates; None for the coordinate-wise rules, which take no update whole."""
         if self.aggregator == "median":
-            return coordinate_median(updates)
+            return coordinate_median(updates), None
         if self.aggregator == "trimmed_mean":
-            return trimmed_mean(updates, self.trim_fraction)
+            return trimmed_mean(updates, self.trim_fraction), None
         if self.aggregator == "krum":
-            return krum(updates, self.byzantine)[0]
+            aggregate, chosen = krum(updates, self.byzantine)
+            return aggregate, np.array([chosen])
         if self.aggregator == "multi_krum":
             m = self.krum_select or len(updates) - self.byzantine
-            return multi_krum(updates, self.byzantine, min(m, len(updates)))[0]
+            return multi_krum(updates, self.byzantine, min(m, len(updates)))
         raise ValueError(f"server.aggregator: '{self.aggregator}' is not a per-update rule")

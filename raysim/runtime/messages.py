@@ -108,3 +108,4 @@ class ServerReport:
 
     aggregation_error: float
     uplink_bytes: int | None = None  # secure aggregation counts its protocol's bytes itself
+    kept_clients: list[int] | None = None  # the clients whose updates Krum or Multi-Krum averaged

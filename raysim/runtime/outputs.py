@@ -116,6 +116,8 @@ def format_row(row: dict[str, Any], total_rounds: int) -> str:
     ]
     if not math.isnan(row["aggregation_error"]):
         parts.append(f"agg_err {row['aggregation_error']:.2e}")
+    if "attackers" in row:
+        parts.append(f"attackers {row['attackers']}" + (f" ({row['attackers_kept']} kept)" if "attackers_kept" in row else ""))
     if math.isfinite(row["epsilon"]):
         parts.append(f"eps {row['epsilon']:.3f}")
     if row.get("secagg_aborted"):

@@ -27,6 +27,7 @@ import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from raysim.attacks import malicious_clients
 from raysim.config import ConfigError, UserError, from_dict, load_config, to_yaml, validate
 from raysim.methods import build as build_method
 from raysim.methods.common import BASE_LAYER
@@ -84,6 +85,8 @@ class Simulation:
         self._checkpointed_round = -1
         self.answers: list[str] | None = None
         self.backdoor = False
+        # attack.*: the malicious clients, for the metrics' attackers (and attackers_kept) columns
+        self.attackers = frozenset(malicious_clients(self.cfg.seed, self.cfg.clients.num, self.cfg.attack.fraction))
         self.untuned: dict[str, float] | None = None  # task=causal_lm: the evaluation before round 1
         self._predictions: list[dict[str, Any]] = []
         self.ray_start_s = 0.0  # ray.init's share of startup_s; 0 where Ray was already up (or not used)
@@ -389,6 +392,10 @@ class Simulation:
             "delta": self.budget.delta if self.budget.enabled else 0.0,
             **extra,
         }
+        if self.attackers:
+            row["attackers"] = sum(c in self.attackers for r in reports for c in r.clients)
+            if cfg.server.aggregator in ("krum", "multi_krum"):  # none kept when too few updates arrived
+                row["attackers_kept"] = sum(c in self.attackers for c in server_report.kept_clients or [])
         if row.get("secagg_clipped", 0) > 0.01:
             log.warning(
                 "round %d: %.1f%% of the values sent were clipped to +-%g before encoding; raise secagg.clip_range",
