@@ -88,10 +88,12 @@ def test_median_and_trimmed_mean_stay_in_the_honest_range_under_a_minority_of_ou
 
 def test_the_configured_rule_dispatches_with_its_defaults_and_names_the_updates_it_kept():
     points = np.array([[0.0], [1.0], [2.0], [3.0], [100.0]])
-    aggregate, kept = RobustRule("multi_krum", byzantine=1).apply(points)  # m = n - f = 4
-    assert aggregate[0] == 1.5 and kept is not None and kept.tolist() == [0, 1, 2, 3]
-    aggregate, kept = RobustRule("krum", byzantine=1).apply(points)  # 1 and 2 tie at 1 + 1; the lower index wins
-    assert aggregate[0] == 1.0 and kept is not None and kept.tolist() == [1]
-    assert RobustRule("median").apply(points)[0][0] == 2.0 and RobustRule("median").apply(points)[1] is None
-    assert RobustRule("trimmed_mean", trim_fraction=0.2).apply(points)[0][0] == 2.0  # mean of 1, 2, 3
+    result = RobustRule("multi_krum", byzantine=1).apply(points)  # m = n - f = 4
+    assert result.aggregate[0] == 1.5 and result.kept is not None and result.kept.tolist() == [0, 1, 2, 3]
+    assert result.scores is not None and result.scores.tolist() == [5, 2, 2, 5, 97**2 + 98**2]  # the worked example above
+    result = RobustRule("krum", byzantine=1).apply(points)  # 1 and 2 tie at 1 + 1; the lower index wins
+    assert result.aggregate[0] == 1.0 and result.kept is not None and result.kept.tolist() == [1]
+    median = RobustRule("median").apply(points)
+    assert median.aggregate[0] == 2.0 and median.kept is None and median.scores is None
+    assert RobustRule("trimmed_mean", trim_fraction=0.2).apply(points).aggregate[0] == 2.0  # mean of 1, 2, 3
     assert RobustRule("krum", byzantine=2).min_updates() == 7 and RobustRule("median").min_updates() == 1

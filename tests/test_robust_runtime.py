@@ -16,10 +16,14 @@ def _deltas(start, finals):
     return names, np.stack([np.concatenate([(f[k].astype(np.float64) - start[k]).reshape(-1) for k in names]) for f in finals])
 
 
-def _brute_force_krum_choice(deltas, f):
+def _brute_force_krum_scores(deltas, f):
     n = len(deltas)
-    scores = [sum(sorted(float(((deltas[i] - deltas[j]) ** 2).sum()) for j in range(n) if j != i)[: n - f - 2]) for i in range(n)]
-    return sorted(range(n), key=lambda i: (scores[i], i))
+    return [sum(sorted(float(((deltas[i] - deltas[j]) ** 2).sum()) for j in range(n) if j != i)[: n - f - 2]) for i in range(n)]
+
+
+def _brute_force_krum_choice(deltas, f):
+    scores = _brute_force_krum_scores(deltas, f)
+    return sorted(range(len(deltas)), key=lambda i: (scores[i], i))
 
 
 def _expected_update(aggregator, deltas, weights):
@@ -111,8 +115,9 @@ def test_malicious_clients_poison_their_update_and_skip_norm_bound_only_under_se
 @pytest.mark.parametrize("aggregator, keep", [("krum", 1), ("multi_krum", 6), ("median", None)])
 def test_the_metrics_count_the_sampled_attackers_and_those_krum_kept(tmp_path, aggregator, keep):
     """attackers: the malicious clients among the round's senders; attackers_kept: those among the
-    updates Krum or Multi-Krum averaged, here against a brute-force Krum over the poisoned updates
-    (boosted 3x, so close enough to the honest ones that Multi-Krum keeps some)."""
+    updates Krum or Multi-Krum averaged, and attackers_score_ratio: their mean Krum score over the
+    honest senders', here against a brute-force Krum over the poisoned updates (boosted 3x, so
+    close enough to the honest ones that Multi-Krum keeps some)."""
     from raysim.attacks import malicious_clients
 
     cfg = tiny_config(tmp_path, *SETTINGS, "attack.kind=scale", "attack.fraction=0.3", "attack.scale=3", f"server.aggregator={aggregator}")
@@ -122,13 +127,16 @@ def test_the_metrics_count_the_sampled_attackers_and_those_krum_kept(tmp_path, a
     attackers = [i for i, c in enumerate(sampled) if c in set(malicious_clients(cfg.seed, cfg.clients.num, 0.3))]
     assert row["attackers"] == len(attackers) > 0
     if keep is None:
-        assert "attackers_kept" not in row
+        assert "attackers_kept" not in row and "attackers_score_ratio" not in row
         return
     start, finals, _, _ = client_results(cfg, sampled)
     _, deltas = _deltas(start, finals)
     deltas[attackers] *= 3.0
     kept = _brute_force_krum_choice(deltas, 1)[:keep]
     assert row["attackers_kept"] == len(set(kept) & set(attackers))
+    scores = np.asarray(_brute_force_krum_scores(deltas, 1))
+    honest = [i for i in range(len(sampled)) if i not in attackers]
+    assert row["attackers_score_ratio"] == pytest.approx(scores[attackers].mean() / scores[honest].mean(), rel=1e-4)
 
 
 def test_a_backdoor_run_reports_its_success_each_evaluation(tmp_path):

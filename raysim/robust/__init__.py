@@ -16,11 +16,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raysim.robust.krum import krum, multi_krum
+from raysim.robust.krum import best_scored, krum, krum_scores, multi_krum
 from raysim.robust.median import coordinate_median
 from raysim.robust.trimmed_mean import trimmed_mean
 
-__all__ = ["RobustRule", "coordinate_median", "krum", "multi_krum", "trimmed_mean"]
+__all__ = ["RobustAggregate", "RobustRule", "coordinate_median", "krum", "multi_krum", "trimmed_mean"]
+
+
+@dataclass(frozen=True)
+class RobustAggregate:
+    """A rule's aggregate and, for Krum and Multi-Krum, which rows it averaged and every row's
+    score (what the metrics report about the attackers); None for the coordinate-wise rules, which
+    take no update whole."""
+
+    aggregate: np.ndarray
+    kept: np.ndarray | None = None
+    scores: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -35,17 +46,14 @@ class RobustRule:
     def min_updates(self) -> int:
         return 2 * self.byzantine + 3 if self.aggregator in ("krum", "multi_krum") else 1
 
-    def apply(self, updates: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(the aggregate, the rows it averaged) - the rows for Krum and Multi-Krum, which pick
-        whole updates; None for the coordinate-wise rules, which take no update whole."""
+    def apply(self, updates: np.ndarray) -> RobustAggregate:
         if self.aggregator == "median":
-            return coordinate_median(updates), None
+            return RobustAggregate(coordinate_median(updates))
         if self.aggregator == "trimmed_mean":
-            return trimmed_mean(updates, self.trim_fraction), None
-        if self.aggregator == "krum":
-            aggregate, chosen = krum(updates, self.byzantine)
-            return aggregate, np.array([chosen])
-        if self.aggregator == "multi_krum":
-            m = self.krum_select or len(updates) - self.byzantine
-            return multi_krum(updates, self.byzantine, min(m, len(updates)))
+            return RobustAggregate(trimmed_mean(updates, self.trim_fraction))
+        if self.aggregator in ("krum", "multi_krum"):  # Krum is Multi-Krum with m = 1
+            m = 1 if self.aggregator == "krum" else self.krum_select or len(updates) - self.byzantine
+            scores = krum_scores(updates, self.byzantine)
+            kept = best_scored(scores, min(m, len(updates)))
+            return RobustAggregate(updates[kept].mean(axis=0), kept, scores)
         raise ValueError(f"server.aggregator: '{self.aggregator}' is not a per-update rule")

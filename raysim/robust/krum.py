@@ -25,12 +25,17 @@ def krum_scores(updates: np.ndarray, f: int) -> np.ndarray:
     return nearest.sum(axis=1)
 
 
+def best_scored(scores: np.ndarray, m: int) -> np.ndarray:
+    """The indices of the m lowest scores, ascending (ties to the lower index)."""
+    if not 1 <= m <= len(scores):
+        raise ValueError(f"multi_krum: m={m} is not between 1 and the {len(scores)} updates")
+    return np.sort(np.argsort(scores, kind="stable")[:m])
+
+
 def multi_krum(updates: np.ndarray, f: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     """(the mean of the m best-scored updates, their indices)."""
-    if not 1 <= m <= len(updates):
-        raise ValueError(f"multi_krum: m={m} is not between 1 and the {len(updates)} updates")
-    chosen = np.argsort(krum_scores(updates, f), kind="stable")[:m]
-    return updates[chosen].mean(axis=0), np.sort(chosen)
+    chosen = best_scored(krum_scores(updates, f), m)
+    return updates[chosen].mean(axis=0), chosen
 
 
 def krum(updates: np.ndarray, f: int) -> tuple[np.ndarray, int]:

@@ -109,3 +109,4 @@ class ServerReport:
     aggregation_error: float
     uplink_bytes: int | None = None  # secure aggregation counts its protocol's bytes itself
     kept_clients: list[int] | None = None  # the clients whose updates Krum or Multi-Krum averaged
+    krum_scores: dict[int, float] | None = None  # under Krum and Multi-Krum, each sender's score

@@ -135,9 +135,9 @@ class Server:
         mean = None
         summable = self.method.aggregation is Aggregation.SUMMABLE
         messages = [m for p in payloads for m in p.messages]
-        kept = None
+        kept = scores = None
         if summable and self.robust is not None:
-            mean, kept = self._robust_mean(round_idx, messages, template)
+            mean, kept, scores = self._robust_mean(round_idx, messages, template)
             messages = []
         elif summable and (self.central_dp or (payloads and weight_total > 0)):
             summed = {k: sum((p.delta_sum[k] for p in payloads if k in p.delta_sum), np.zeros_like(v)) for k, v in template.items()}
@@ -147,24 +147,29 @@ class Server:
             update = self.method.update(self.state, mean)
             error = self._aggregation_error(round_idx, update, weight_total, payloads)
         self._apply(RoundInput(round_idx, mean, weight_total, messages, update))
-        return ServerReport(aggregation_error=error, kept_clients=kept)
+        return ServerReport(aggregation_error=error, kept_clients=kept, krum_scores=scores)
 
-    def _robust_mean(self, round_idx: int, messages: list, template: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, list[int] | None]:
+    def _robust_mean(
+        self, round_idx: int, messages: list, template: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray] | None, list[int] | None, dict[int, float] | None]:
         """(the robust rule over the clients' updates, each flattened in sorted-key order, in place
-        of the weighted mean; the clients whose updates it averaged, for Krum and Multi-Krum). The
-        mean is None (the adapter stays) when too few arrived for the rule."""
+        of the weighted mean; for Krum and Multi-Krum the clients whose updates it averaged and
+        each client's score). The mean is None (the adapter stays) when too few arrived for the
+        rule."""
         assert self.robust is not None
         if len(messages) < self.robust.min_updates():
             log.warning(
                 "round %d: %d update(s) arrived, too few for server.aggregator=%s (at least %d); the global adapter is unchanged",
                 round_idx, len(messages), self.robust.aggregator, self.robust.min_updates(),
             )
-            return None, None
+            return None, None, None
         names = sorted(template)
         updates = np.stack([np.concatenate([np.asarray(m.summable[k], np.float64).reshape(-1) for k in names]) for _, _, m in messages])
-        aggregate, rows = self.robust.apply(updates)
-        kept = None if rows is None else sorted(int(messages[i][0]) for i in rows)
-        return unflatten(aggregate, template), kept
+        result = self.robust.apply(updates)
+        clients = [int(c) for c, _, _ in messages]
+        kept = None if result.kept is None else sorted(clients[i] for i in result.kept)
+        scores = None if result.scores is None else dict(zip(clients, result.scores.tolist(), strict=True))
+        return unflatten(result.aggregate, template), kept, scores
 
     def _aggregation_error(self, round_idx: int, update: dict[str, np.ndarray], weight_total: float, payloads) -> float:
         """The error of averaging itself: the adapter plus the round's update (before the server
