@@ -68,7 +68,8 @@ def test_malicious_clients_poison_their_update_and_skip_norm_bound_only_under_se
     """A third of the clients attack. Expected: the weighted mean of the honest updates and the
     attackers' poisoned ones, each clipped under norm_bound (by the server), except the attackers'
     under SecAgg, where each client clips its own and they skip it. The update_norm column is the
-    median of the clients' norms before any of that."""
+    median of the clients' norms before any of that, and attackers_norm_ratio the attackers' mean
+    norm over the honest clients', also before the attack boosts it."""
     from raysim.attacks import malicious_clients
 
     cfg = tiny_config(
@@ -93,6 +94,8 @@ def test_malicious_clients_poison_their_update_and_skip_norm_bound_only_under_se
     names, deltas = _deltas(start, finals)
     norms = np.linalg.norm(deltas, axis=1)
     assert row["update_norm"] == pytest.approx(np.median(norms), rel=1e-4)
+    malicious = np.array([c in attackers for c in sampled])
+    assert row["attackers_norm_ratio"] == pytest.approx(norms[malicious].mean() / norms[~malicious].mean(), rel=1e-4)
     assert norms.min() > 0.01  # norm_bound binds for every client
     for i, c in enumerate(sampled):
         if c in attackers:

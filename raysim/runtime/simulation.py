@@ -85,7 +85,7 @@ class Simulation:
         self._checkpointed_round = -1
         self.answers: list[str] | None = None
         self.backdoor = False
-        # attack.*: the malicious clients, for the metrics' attackers (and attackers_kept, attackers_score_ratio) columns
+        # attack.*: the malicious clients, for the metrics' attackers* columns
         self.attackers = frozenset(malicious_clients(self.cfg.seed, self.cfg.clients.num, self.cfg.attack.fraction))
         self.untuned: dict[str, float] | None = None  # task=causal_lm: the evaluation before round 1
         self._predictions: list[dict[str, Any]] = []
@@ -394,9 +394,10 @@ class Simulation:
         }
         if self.attackers:
             row["attackers"] = sum(c in self.attackers for r in reports for c in r.clients)
+            row["attackers_norm_ratio"] = self._attackers_ratio({c: n for r in reports for c, n in zip(r.clients, r.update_norms)})
             if cfg.server.aggregator in ("krum", "multi_krum"):  # none kept when too few updates arrived
                 row["attackers_kept"] = sum(c in self.attackers for c in server_report.kept_clients or [])
-                row["attackers_score_ratio"] = self._attackers_score_ratio(server_report.krum_scores or {})
+                row["attackers_score_ratio"] = self._attackers_ratio(server_report.krum_scores or {})
         if row.get("secagg_clipped", 0) > 0.01:
             log.warning(
                 "round %d: %.1f%% of the values sent were clipped to +-%g before encoding; raise secagg.clip_range",
@@ -455,12 +456,13 @@ class Simulation:
             self.save_checkpoint()
         return self.metrics
 
-    def _attackers_score_ratio(self, scores: dict[int, float]) -> float:
-        """The attackers' mean Krum score over the honest senders' (NaN without both): below 1 the
-        attackers' updates sit closer to their nearest neighbours than the honest ones do, and
-        Krum prefers them; the scores' scale (the updates' lengths) cancels."""
-        attacker = [v for c, v in scores.items() if c in self.attackers]
-        honest = [v for c, v in scores.items() if c not in self.attackers]
+    def _attackers_ratio(self, by_client: dict[int, float]) -> float:
+        """The attackers' mean of a per-sender value over the honest senders' (NaN without both):
+        for Krum scores, below 1 the attackers' updates sit closer to their nearest neighbours and
+        Krum prefers them; for update norms (before the attack's transform), below 1 their training
+        moved the adapter less than the honest clients'. The values' common scale cancels."""
+        attacker = [v for c, v in by_client.items() if c in self.attackers]
+        honest = [v for c, v in by_client.items() if c not in self.attackers]
         return float(np.mean(attacker) / np.mean(honest)) if attacker and honest and np.mean(honest) > 0 else math.nan
 
     def _evaluate(self, split: str) -> dict[str, float]:
