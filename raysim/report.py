@@ -306,29 +306,34 @@ def plot(groups: dict[str, list[Run]], path: Path, metric: str = "eval_accuracy"
 
 
 def compare_plot(rows: dict[str, list[Run]], key: str, values: list[str], path: Path, metric: str = "eval_accuracy") -> Path:
-    """One panel per setting, one line per value of ``key`` (mean over seeds, ± one std band)."""
+    """One panel per setting that has ``metric`` (a backdoor's success only where there is a
+    backdoor), one line per value of ``key`` (mean over seeds, ± one std band); the legend names
+    every value drawn in any panel."""
     plt = _pyplot()
-    cols = min(4, len(rows))
-    nrows = math.ceil(len(rows) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows + 0.6), sharex=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (name, runs) in zip(axes.flat, rows.items()):
+    curves = {name: {value: _curve([r for r in runs if str(r.config.get(key)) == value], metric) for value in values} for name, runs in rows.items()}
+    panels = {name: by_value for name, by_value in curves.items() if any(c is not None for c in by_value.values())} or curves
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows + 0.6), sharex=True, squeeze=False)
+    legend: dict[str, Any] = {}  # value -> its line, from whichever panel drew it
+    for ax, (name, by_value) in zip(axes.flat, panels.items()):
         for colour, value in zip(colours * len(values), values):
-            curve = _curve([r for r in runs if str(r.config.get(key)) == value], metric)
+            curve = by_value[value]
             if curve is not None:
                 rounds, mean, std = curve
-                ax.plot(rounds, mean, color=colour, marker="o", markersize=3, label=f"{key}={value}")
+                (legend[value],) = ax.plot(rounds, mean, color=colour, marker="o", markersize=3)
                 ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.2)
         ax.set_title(name.replace(", ", "\n"), fontsize="small")
         ax.set_xlabel("round")
         ax.tick_params(labelbottom=True)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(rows):]:
+    for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel(metric.replace("_", " "))
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(values), frameon=False)
+    drawn = [value for value in values if value in legend]
+    fig.legend([legend[v] for v in drawn], [f"{key}={v}" for v in drawn], loc="lower center", ncol=max(1, len(drawn)), frameon=False)
     fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.03, 1, 1))
     return _save(fig, path)
 

@@ -193,6 +193,50 @@ def test_backdoor_runs_get_their_success_in_the_tables_and_a_plot(tmp_path):
     assert "backdoor success" not in clean_only and not (tmp_path / "r2" / "attack_success.png").exists()
 
 
+def _drawn_figures(monkeypatch):
+    """The figures report() saves, by file name, kept open to be read back."""
+    figures = {}
+
+    def keep(fig, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figures
+
+
+def test_compared_plots_draw_only_the_settings_with_the_metric_and_name_every_value(tmp_path, monkeypatch):
+    # The backdoor's success exists only where there is a backdoor: the clean setting (first in
+    # order) gets no empty panel, and the legend names the values drawn in the other panels.
+    for attack, aggregators in (("a-none", ("mean",)), ("backdoor", ("mean", "median"))):
+        for aggregator in aggregators:
+            path = tmp_path / "study" / f"{attack}-{aggregator}"
+            _fake_run(path, "ffa_lora", 0, [0.5, 0.6])
+            config = OmegaConf.load(path / "config.yaml")
+            config.attack = {"kind": attack}
+            config.server = {"aggregator": aggregator}
+            (path / "config.yaml").write_text(OmegaConf.to_yaml(config))
+            if attack == "backdoor":
+                rows = [{**row, "attack_success": 0.3} for row in pq.read_table(path / "metrics.parquet").to_pylist()]
+                pq.write_table(pa.Table.from_pylist(rows), path / "metrics.parquet")
+                summary = json.loads((path / "summary.json").read_text())
+                (path / "summary.json").write_text(json.dumps({**summary, "final_attack_success": 0.3}))
+    figures = _drawn_figures(monkeypatch)
+    report.report([tmp_path / "study"], tmp_path / "report", compare="server.aggregator")
+
+    def panels(fig):
+        return [ax.get_title() for ax in fig.axes if ax.get_visible()]
+
+    def legend(fig):
+        return [t.get_text() for t in fig.legends[0].get_texts()]
+
+    assert panels(figures["attack_success.png"]) == ["attack.kind=backdoor"]
+    assert panels(figures["accuracy.png"]) == ["attack.kind=a-none", "attack.kind=backdoor"]
+    for name in ("attack_success.png", "accuracy.png"):
+        assert legend(figures[name]) == ["server.aggregator=mean", "server.aggregator=median"]
+
+
 def test_a_setting_with_one_seed_shows_no_spread(tmp_path):
     _fake_run(tmp_path / "study" / "lora-0", "lora", 0, [0.5])
     _fake_run(tmp_path / "study" / "ffa-0", "ffa_lora", 0, [0.6])
