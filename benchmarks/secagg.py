@@ -79,7 +79,7 @@ def one_round(n: int, k: int | None, length: int, dropout: float, sample: int, r
         else:
             y = np.zeros(length + 1, dtype=np.uint64)
         masked_total = (masked_total + y) & ring_mask(ring)
-    reveals = {c: clock(c, unmask, secrets[c], publics, set(senders)) for c in senders}
+    reveals = {c: clock(c, unmask, secrets[c], publics, set(senders), graph) for c in senders}
 
     started = time.perf_counter()
     total = unmasked_sum(masked_total, set(senders), reveals, publics, graph, threshold, 1, ring)

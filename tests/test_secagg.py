@@ -9,10 +9,12 @@ from raysim.secagg.encoding import decode_sum, decode_update_sum, encode, encode
 from raysim.secagg.protocol import (
     SecAggAborted,
     advertise,
+    components,
     dropout_stage,
     expand_mask,
     masked_input,
     neighbours,
+    pairwise_mask,
     share_keys,
     unmask,
     unmasked_sum,
@@ -57,19 +59,25 @@ def test_masks_are_uniform_words():
     assert not np.array_equal(words, expand_mask(b"t" * 32, 200_000))
 
 
+def _shared_keys(graph, threshold, round_idx=1):
+    """Every client of ``graph`` advertises and shares its keys with its neighbours: (secrets, publics)."""
+    secrets, publics = {}, {}
+    for c in graph:
+        secrets[c], publics[c] = advertise(c, round_idx)
+    for c in graph:
+        for v, ciphertext in share_keys(secrets[c], publics, graph[c], threshold).items():
+            secrets[v].received[c] = ciphertext
+    return secrets, publics
+
+
 def _round(inputs, k_neighbours, threshold, drop_before_input=(), drop_before_unmask=(), round_idx=1, k=40, alter=None):
     """One round; ``alter(reveals)`` may change the revealed shares before the server uses them."""
     clients = sorted(inputs)
     graph = neighbours(clients, k_neighbours, np.random.default_rng(round_idx))
-    secrets, publics = {}, {}
-    for c in clients:
-        secrets[c], publics[c] = advertise(c, round_idx)
-    for c in clients:
-        for v, ciphertext in share_keys(secrets[c], publics, graph[c], threshold).items():
-            secrets[v].received[c] = ciphertext
+    secrets, publics = _shared_keys(graph, threshold, round_idx)
     masked = {c: masked_input(secrets[c], inputs[c], publics, k) for c in clients if c not in drop_before_input}
     responders = [c for c in masked if c not in drop_before_unmask]
-    reveals = {c: unmask(secrets[c], publics, set(masked)) for c in responders}
+    reveals = {c: unmask(secrets[c], publics, set(masked), graph) for c in responders}
     if alter is not None:
         alter(reveals)
     with np.errstate(over="ignore"):
@@ -139,27 +147,63 @@ def test_an_altered_self_mask_share_aborts_naming_its_client():
 def test_clients_refuse_to_unmask_when_fewer_than_t_senders_are_named():
     """Bonawitz et al., round 4: a server that claims that only 2 clients sent their input (so that
     their sum would be theirs alone) gets no share at all."""
-    clients = list(range(5))
-    graph = neighbours(clients, None, np.random.default_rng(0))
-    secrets, publics = {}, {}
-    for c in clients:
-        secrets[c], publics[c] = advertise(c, 1)
-    for c in clients:
-        for v, ciphertext in share_keys(secrets[c], publics, graph[c], 3).items():
-            secrets[v].received[c] = ciphertext
+    graph = neighbours(list(range(5)), None, np.random.default_rng(0))
+    secrets, publics = _shared_keys(graph, 3)
     with pytest.raises(SecAggAborted, match=r"^client 0 refuses to unmask: the server names 2 sender\(s\), fewer than the threshold 3"):
-        unmask(secrets[0], publics, {0, 1})
-    assert set(unmask(secrets[0], publics, {0, 1, 2})) == {1, 2, 3, 4}
+        unmask(secrets[0], publics, {0, 1}, graph)
+    assert set(unmask(secrets[0], publics, {0, 1, 2}, graph)) == {1, 2, 3, 4}
     # Distributed DP: honest clients also refuse below the senders whose noise shares make the plan.
     with pytest.raises(SecAggAborted, match=r"^client 0 refuses to unmask: the server names 3 sender\(s\), fewer than the 4 whose noise"):
-        unmask(secrets[0], publics, {0, 1, 2}, min_senders=4)
-    assert set(unmask(secrets[0], publics, {0, 1, 2, 3}, min_senders=4)) == {1, 2, 3, 4}
+        unmask(secrets[0], publics, {0, 1, 2}, graph, min_senders=4)
+    assert set(unmask(secrets[0], publics, {0, 1, 2, 3}, graph, min_senders=4)) == {1, 2, 3, 4}
 
 
 def test_sparse_graph_has_k_neighbours_each():
     graph = neighbours(list(range(100)), 8, np.random.default_rng(0))
     assert all(len(v) == 8 for v in graph.values())
     assert all(u in graph[v] for u in graph for v in graph[u])  # symmetric
+    assert components(graph, set(graph)) == [sorted(graph)]  # a ring: connected while no one drops
+
+
+def test_dropouts_that_split_a_sparse_graph_would_expose_each_part_so_clients_refuse_to_unmask():
+    """Ring of 12, 2 neighbours on each side, t = 2: clients 0-1 and 6-7 of the ring order drop
+    before sending, which leaves the senders 2-5 and 8-11 with no mask between the two groups.
+    Every secret still has t shares among the senders, so before the check the round went through,
+    and the server could strip each group's masks alone and read each group's sum."""
+    rng = np.random.default_rng(8)
+    clients = list(range(12))
+    graph = neighbours(clients, 4, np.random.default_rng(1))
+    order = [int(c) for c in np.random.default_rng(1).permutation(clients)]  # the ring neighbours() drew
+    assert all(graph[order[i]] == sorted(order[(i + d) % 12] for d in (-2, -1, 1, 2)) for i in range(12))
+    inputs = {c: rng.integers(0, 2**16, 64, dtype=np.uint64) for c in clients}
+    dropped = {order[0], order[1], order[6], order[7]}
+    senders = set(clients) - dropped
+    assert components(graph, senders) == [sorted(order[2:6]), sorted(order[8:12])]
+
+    # The leak: t of the senders' shares rebuild each sender's self-mask seed and each dropped
+    # client's masking key (the server checks them against the commitments and public keys), so
+    # with those secrets, each group's masked inputs give that group's sum.
+    secrets, publics = _shared_keys(graph, 2)
+    assert all(len(senders.intersection(graph[u])) >= 2 for u in clients)
+    masked = {c: masked_input(secrets[c], inputs[c], publics, 40) for c in senders}
+    with np.errstate(over="ignore"):
+        for part in components(graph, senders):
+            y = sum(masked[u] - expand_mask(secrets[u].self_seed, 64) for u in part)
+            for d in dropped:
+                for u in set(part).intersection(graph[d]):  # u added +PRG(s_ud) if u < d, else subtracted it
+                    mask = pairwise_mask(secrets[d].mask_key, publics[u]["mask_public"], 1, 64)
+                    y = y - mask if u < d else y + mask
+            np.testing.assert_array_equal(y & ring_mask(40), sum(inputs[u] for u in part) & ring_mask(40))
+
+    # Now every sender refuses to reveal anything, so no seed is rebuilt and the round aborts.
+    split = "refuses to unmask: after 4 of the 12 clients dropped, the senders' graph splits into 2 components of 4 and 4 clients"
+    for c in senders:
+        with pytest.raises(SecAggAborted, match=rf"^client {c} {split}"):
+            unmask(secrets[c], publics, senders, graph)
+    # One dropout fewer in the second gap leaves the senders connected: the round unmasks the total.
+    total, masked = _round(inputs, 4, 2, drop_before_input={order[0], order[1], order[6]})
+    np.testing.assert_array_equal(total, sum(inputs[c] for c in masked) & ring_mask(40))
+    assert len(masked) == 9
 
 
 def test_weighted_updates_decode_to_the_weighted_sum_and_the_weight_total():
@@ -196,7 +240,7 @@ def test_a_client_that_never_shared_its_keys_is_left_out():
         for v, ciphertext in share_keys(secrets[c], publics, graph[c], 3).items():
             secrets[v].received[c] = ciphertext
     masked = {c: masked_input(secrets[c], inputs[c], publics, 40) for c in shared}
-    reveals = {c: unmask(secrets[c], publics, set(masked)) for c in shared}
+    reveals = {c: unmask(secrets[c], publics, set(masked), graph) for c in shared}
     server_graph = {u: [v for v in graph[u] if v in shared] for u in shared}
     with np.errstate(over="ignore"):
         total = unmasked_sum(sum(masked.values()) & ring_mask(40), set(masked), reveals, publics, server_graph, 3, 1, 40)

@@ -222,6 +222,22 @@ def test_too_many_dropouts_abort_the_round_and_leave_the_adapter_unchanged(tmp_p
     assert len(aborted) == 1 and re.fullmatch(r"round 1: secure aggregation aborted \([^()\n]*\d[^()\n]*\); the global adapter is unchanged", aborted[0]), aborted
 
 
+def test_dropouts_that_split_a_sparse_graph_abort_the_round(tmp_path, caplog):
+    """Seed 4270 (found by a search over seeds) drops 4 of the 10 clients before sending, two
+    pairs of ring neighbours, and no one after: the 6 senders form two groups of 3 with no mask
+    between them. With t = 2 every secret has its shares, so the round used to go through, and the
+    server could have read each group's sum; now the clients refuse to unmask."""
+    sparse = ["secagg.enabled=true", "secagg.neighbors=4", "secagg.threshold=2", "secagg.dropout_rate=0.4"]
+    cfg = tiny_config(tmp_path, "seed=4270", "clients.per_round=10", *sparse, "train.local_steps=1", "eval.max_examples=20")
+    start, _, row, after, _, _ = _one_round(cfg)
+    assert row["secagg_aborted"] and row["clients"] == 0
+    for name in start:
+        np.testing.assert_array_equal(after[name], start[name])
+    aborted = [r.getMessage() for r in caplog.records if "secure aggregation aborted" in r.getMessage()]
+    split = r"refuses to unmask: after 4 of the 10 clients dropped, the senders' graph splits into 2 components of 3 and 3 clients"
+    assert len(aborted) == 1 and re.search(split, aborted[0]), aborted
+
+
 def test_a_worker_killed_mid_round_drops_its_clients_and_the_others_sum_is_recovered(tmp_path):
     """Its clients drop after sharing their keys; threshold 2 lets the other worker's clients
     remove their masks. (With the default majority, 5 of 9, half the clients would be too few.)"""

@@ -30,6 +30,7 @@ class SecAggClients:
         self.min_senders = 0  # distributed DP: the senders its noise was planned for (from the first round's encoding)
         self.secagg_round: dict[int, ClientRound] = {}  # this round's secrets of this worker's clients
         self.secagg_publics: dict[int, dict] = {}
+        self.secagg_graph: dict[int, list[int]] = {}  # the round's neighbour graph, from the roster
 
     def _secagg_senders(self, client_ids: list[int], round_idx: int, inbox: dict) -> list[int]:
         """The clients that take part in this round's masked sum, their received shares stored."""
@@ -68,7 +69,7 @@ class SecAggClients:
 
     def secagg_share_keys(self, roster: SecAggRoster):
         """Each client's Shamir shares, encrypted to each of its neighbours: (senders, {sender: {recipient: ciphertext}})."""
-        self.secagg_publics = roster.publics
+        self.secagg_publics, self.secagg_graph = roster.publics, roster.graph
         out = {
             cid: share_keys(secrets, roster.publics, roster.graph[cid], roster.threshold)
             for cid, secrets in self.secagg_round.items()
@@ -81,9 +82,9 @@ class SecAggClients:
         still there; then the round's secrets are forgotten. (responders, {client: reveals})."""
         sent = set(senders)
         out = {
-            cid: unmask(secrets, self.secagg_publics, sent, self.min_senders)
+            cid: unmask(secrets, self.secagg_publics, sent, self.secagg_graph, self.min_senders)
             for cid, secrets in self.secagg_round.items()
             if secrets.round_idx == round_idx and cid in sent and dropout_stage(self.cfg.seed, round_idx, cid, self.cfg.secagg.dropout_rate) is None
         }
-        self.secagg_round, self.secagg_publics = {}, {}
+        self.secagg_round, self.secagg_publics, self.secagg_graph = {}, {}, {}
         return sorted(out), out

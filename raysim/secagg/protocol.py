@@ -11,7 +11,9 @@ the sparse neighbour graph of Bell et al., CCS 2020).
 4. ``unmask``: each survivor reveals, per neighbour, the self-mask share if that neighbour's y
    arrived or the masking-key share if it did not, never both; it refuses to reveal anything when
    the server names fewer than t senders (Bonawitz et al., round 4), or, under distributed DP,
-   fewer than the senders the noise was planned for.
+   fewer than the senders the noise was planned for, or when the named senders split the
+   neighbour graph into several components (each component's sum would be exposed, see
+   :func:`components`).
 5. ``unmasked_sum``: the server removes the self-masks of the senders and the pairwise masks
    that dropped clients left in their neighbours' inputs, and gets the sum mod 2^k, or aborts if
    some secret has fewer than t shares, or if a rebuilt secret is not the one its client
@@ -75,6 +77,25 @@ def neighbours(clients: list[int], k: int | None, rng: np.random.Generator) -> d
     for i, c in enumerate(order):
         out[c] = sorted({order[(i + d) % n] for d in range(-half, half + 1) if d != 0})
     return out
+
+
+def components(graph: dict[int, list[int]], senders: set[int]) -> list[list[int]]:
+    """The connected components of ``graph`` restricted to ``senders``, largest first. Pairwise
+    masks join only neighbours, and the server removes those with clients that sent nothing, so
+    the masked inputs of each component add up to that component's own sum once its self masks
+    are gone: with more than one component, the server learns each one's sum, not only the total."""
+    left, out = set(senders), []
+    while left:
+        stack = [left.pop()]
+        part = set(stack)
+        while stack:
+            for v in graph.get(stack.pop(), ()):
+                if v in left:
+                    left.remove(v)
+                    part.add(v)
+                    stack.append(v)
+        out.append(sorted(part))
+    return sorted(out, key=lambda part: (-len(part), part))
 
 
 _DROPOUT_STREAM = 0xD0
@@ -163,11 +184,15 @@ def masked_input(secrets: ClientRound, encoded: np.ndarray, publics: dict[int, d
     return y & ring_mask(k)
 
 
-def unmask(secrets: ClientRound, publics: dict[int, dict], sent: set[int], min_senders: int = 0) -> dict[int, tuple[str, np.ndarray]]:
+def unmask(
+    secrets: ClientRound, publics: dict[int, dict], sent: set[int], graph: dict[int, list[int]], min_senders: int = 0
+) -> dict[int, tuple[str, np.ndarray]]:
     """For each neighbour whose shares this client holds: its self-mask share if its input arrived,
     else its masking-key share. Never both for one neighbour. With fewer than t senders named,
     nothing: the masked inputs of so few could not stay hidden in their sum. Nor with fewer than
-    ``min_senders``: under distributed DP, the senders whose noise shares make the planned noise."""
+    ``min_senders``: under distributed DP, the senders whose noise shares make the planned noise.
+    Nor when the senders split ``graph`` (the round's roster) into several components, whose sums
+    the server could learn one by one."""
     if len(sent) < secrets.threshold:
         raise SecAggAborted(
             f"client {secrets.client} refuses to unmask: the server names {len(sent)} sender(s), fewer than the threshold {secrets.threshold}"
@@ -176,6 +201,13 @@ def unmask(secrets: ClientRound, publics: dict[int, dict], sent: set[int], min_s
         raise SecAggAborted(
             f"client {secrets.client} refuses to unmask: the server names {len(sent)} sender(s), fewer than the {min_senders} "
             "whose noise shares make the planned distributed DP noise"
+        )
+    parts = components(graph, sent)
+    if len(parts) > 1:
+        sizes = [str(len(part)) for part in parts]
+        raise SecAggAborted(
+            f"client {secrets.client} refuses to unmask: after {len(graph) - len(sent)} of the {len(graph)} clients dropped, the senders' graph "
+            f"splits into {len(parts)} components of {', '.join(sizes[:-1])} and {sizes[-1]} clients, whose sums the server could learn one by one"
         )
     out = {}
     for u, ciphertext in secrets.received.items():
