@@ -36,13 +36,17 @@ def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
     return pairs
 
 
-def seeded_lora_a(name: str, shape: tuple[int, ...], seed: int, round_idx: int = 0) -> np.ndarray:
+_CLIENT_STREAM = 0xC1
+
+
+def seeded_lora_a(name: str, shape: tuple[int, ...], seed: int, round_idx: int = 0, client: int | None = None) -> np.ndarray:
     """A LoRA A matrix (float32) drawn from (seed, parameter name) alone, identical in every
-    process; ``round_idx`` > 0 draws a fresh one for that round (FLoRA restarts LoRA every round).
+    process; ``round_idx`` > 0 draws a fresh one for that round (FLoRA restarts LoRA every round),
+    and ``client`` one of that client's own.
 
     Same distribution as PEFT's default (Kaiming-uniform with a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in))).
     """
-    key = [seed, zlib.crc32(name.encode())] + ([round_idx] if round_idx else [])
+    key = [seed, zlib.crc32(name.encode())] + ([round_idx] if round_idx else []) + ([_CLIENT_STREAM, client] if client is not None else [])
     rng = np.random.default_rng(key)
     bound = 1.0 / float(np.sqrt(shape[-1]))
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)

@@ -184,6 +184,18 @@ class Method:
     def adapter(self, client_id: int) -> AdapterSpec:
         return AdapterSpec(rank=self.rank_of(client_id))
 
+    def client_weighting(self, configured: str) -> str:
+        """The weighting of the clients' messages in the round's sum (one of ``train.weighting``'s
+        values), given the configured one: that one, unless the method's own rule weights the
+        clients equally or carries its weights inside the messages (HetLoRA's norms)."""
+        return configured
+
+    def client_start(self, client_id: int, round_idx: int, start: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The tensors client ``client_id`` starts its round from, given the broadcast (the
+        worker's tensors, on its device): the broadcast itself, unless the method draws tensors
+        per client (FLoRA's fresh A). Derived from the seed alone, so every process agrees."""
+        return start
+
     def prepare_model(self, model: Any) -> None:
         """Change the freshly built PEFT model's structure in place (Fed-SB inserts R), before
         the tensors the method does not train are frozen. Runs in every process that builds it."""
@@ -229,6 +241,11 @@ class Method:
 
     def broadcast(self, state: ServerState) -> dict[str, np.ndarray]:
         """What a sampled client downloads and starts from."""
+        return state.adapter
+
+    def evaluated(self, state: ServerState) -> dict[str, np.ndarray] | None:
+        """The adapter that evaluation, generation and saving use: the global adapter; None for
+        the broadcast (what clients download, as FLASC's authors evaluate)."""
         return state.adapter
 
     def broadcast_bytes(self, state: ServerState, sent: Mapping[str, np.ndarray], rank: int) -> int:

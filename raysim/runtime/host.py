@@ -321,6 +321,7 @@ class ClientHost(SecAggClients):
         # Central and distributed DP bound each client's contribution, so each counts once (DP-FedAvg).
         central = self.privacy.mode in USER_LEVEL_MODES
         per_client = self.method.aggregation is Aggregation.PER_CLIENT
+        weighting = self.method.client_weighting(train_cfg.weighting)
         # server.aggregator: a per-update rule needs each client's update. norm_bound (Sun et al.
         # 2019, Section 4) is applied here, before the sum: without SecAgg by the server, which sees
         # each update (this worker sums on its behalf), so no client escapes it; under SecAgg by
@@ -345,12 +346,12 @@ class ClientHost(SecAggClients):
             steps_s += seconds
             trained.append(cid)
             loss_sum += loss
-            weight = float(len(data)) if train_cfg.weighting == "examples" and not central else 1.0
+            weight = float(len(data)) if weighting == "examples" and not central else 1.0
             weight_total += weight
             with torch.no_grad():
-                update = ClientUpdate(cid, round_idx, len(data), start_state, values)
+                update = ClientUpdate(cid, round_idx, len(data), self.method.client_start(cid, round_idx, start_state), values)
                 message = self.method.client_message(update, self._state(cid).method_state)
-                if self.dp and not any(bool((values[k] != start_state[k]).any()) for k in start_state):
+                if self.dp and not any(bool((values[k] != update.start[k]).any()) for k in update.start):
                     raise RuntimeError(
                         f"client {cid}: DP-SGD left every trained tensor unchanged, so Opacus computed no "
                         "per-sample gradients (is the model in train mode?)"
@@ -366,7 +367,10 @@ class ClientHost(SecAggClients):
                     summable, _ = clip_update(summable, self.privacy.clip_norm)
                 sent_bytes += message.size()
                 if secure:
-                    y, n_clipped = self._masked_input(cid, round_idx, summable, weight, encoding)
+                    # Equal weights (a method's own rule over train.weighting's examples) go in at the
+                    # encoding's full scale: the same mean, without weight / weight_scale's coarser steps.
+                    encoded_weight = encoding.weight_scale if weighting == "uniform" else weight
+                    y, n_clipped = self._masked_input(cid, round_idx, summable, encoded_weight, encoding)
                     with np.errstate(over="ignore"):
                         masked = (masked + y) & ring_mask(self.ring_bits)
                     clipped += n_clipped
@@ -430,7 +434,7 @@ class ClientHost(SecAggClients):
         ranks = self.client_rank
         for cid in client_ids:
             data, state = self._data(cid), self._state(cid)
-            load_adapter(self.params, start_state)
+            load_adapter(self.params, self.method.client_start(cid, round_idx, start_state))
             with ranks.applied(self.method.adapter(cid), self.frozen_a):
                 swap_optimizer_state(self.optimizer, self.param_list, ranks.moments_in(state.optimizer_state))
                 torch.manual_seed(step_seed(self.cfg.seed, round_idx, cid))
@@ -465,7 +469,7 @@ class ClientHost(SecAggClients):
                 results = local_train_stacked(
                     self.model,
                     lambda params: make_optimizer(optimizer_cfg, params),
-                    [start_state] * len(group),
+                    [dict(self.method.client_start(cid, round_idx, start_state)) for cid in group],
                     [state.optimizer_state for state in states],
                     data,
                     batches,

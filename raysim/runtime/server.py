@@ -112,17 +112,18 @@ class Server:
         if self._broadcast is None:
             sent = self.method.broadcast(self.state)
             self._broadcast = [self._put(sent), {rank: self.method.broadcast_bytes(self.state, sent, rank) for rank in self.method.ranks_in_use()}]
-            if sent is self.state.adapter:
+            evaluated = self.method.evaluated(self.state)
+            if evaluated is None or evaluated is sent:
                 self._adapter_ref = self._broadcast[:1]
         return self._broadcast
 
     def adapter_ref(self) -> list:
         """[reference to the global adapter] (a list, as for :meth:`broadcast`): what evaluation and
-        saving use. It is the broadcast's unless the method sends clients something else (FLASC's
-        sparse copy)."""
+        saving use (:meth:`Method.evaluated`). It is the broadcast's unless the two differ (FLASC's
+        sparse copy against its dense adapter under ``eval_dense``)."""
         self.broadcast()
         if self._adapter_ref is None:
-            self._adapter_ref = [self._put(self.state.adapter)]
+            self._adapter_ref = [self._put(self.method.evaluated(self.state))]
         return self._adapter_ref
 
     def aggregate(self, round_idx: int, weight_total: float, *payloads: WorkerPayload) -> ServerReport:
