@@ -10,9 +10,10 @@ from raysim import ConfigError
 from raysim.client_rank import ClientRank
 from raysim.methods.common import seeded_lora_a
 from raysim.methods.flora import FLoRA, stack
+from raysim.methods.flora import Options as FLoRAOptions
 from raysim.methods.hetlora import WEIGHT, HetLoRA
 from raysim.methods.hetlora import Options as HetOptions
-from raysim.methods.protocol import ClientUpdate, Message, NoOptions, RoundInput
+from raysim.methods.protocol import ClientUpdate, Message, RoundInput
 from raysim.methods.ranks import client_ranks
 from raysim.model import build_model, frozen_lora_a, trainable_parameters
 from raysim.training import ClientState, local_train, make_optimizer, saved_optimizer_state, shuffled_batches
@@ -81,10 +82,19 @@ def test_the_stacked_adapter_is_the_weighted_sum_of_the_clients_products():
     np.testing.assert_allclose(b_stack @ a_stack, want, rtol=1e-10)
 
 
-def test_flora_merges_the_stacked_product_into_the_base_and_restarts_lora():
+@pytest.mark.parametrize(
+    "options, scaling",
+    [
+        (FLoRAOptions(), lambda r: 2.0),  # the authors' code: alpha_k = 2 r_k, scaling 2 at every rank
+        (FLoRAOptions(alpha="global"), lambda r: 16.0 / r),  # raysim before issue 43: one alpha, scalings 2, 8, 4
+    ],
+    ids=["twice_rank", "global"],
+)
+def test_flora_merges_the_stacked_product_into_the_base_and_restarts_lora(options, scaling):
     rng = np.random.default_rng(1)
     ranks, alpha, seed = (8, 2, 4), 16.0, 3
-    method = FLoRA(NoOptions(), lora_rank=R, client_ranks=ranks, lora_alpha=alpha, seed=seed)
+    method = FLoRA(options, lora_rank=R, client_ranks=ranks, lora_alpha=alpha, seed=seed)
+    assert [method.adapter(c).scaling for c in range(3)] == [scaling(r) for r in ranks]  # what each client trains with
     base = rng.normal(size=(D_OUT, D_IN)).astype(np.float32)
     adapter = {A_KEY: seeded_lora_a(A_KEY, (R, D_IN), seed), B_KEY: np.zeros((D_OUT, R), np.float32), HEAD: rng.normal(size=(3, D_OUT)).astype(np.float32)}
     state = method.init_server(adapter, {BASE: base})
@@ -93,7 +103,7 @@ def test_flora_merges_the_stacked_product_into_the_base_and_restarts_lora():
     messages = [(c, w, Message(summable={HEAD: h}, per_client={A_KEY: a, B_KEY: b})) for c, ((a, b, h), w) in enumerate(zip(clients, weights))]
     new = method.aggregate(state, RoundInput(1, None, sum(weights), messages)).adapter
     total = sum(weights)
-    want_base = base.astype(np.float64) + sum(w / total * alpha / r * b @ a for (a, b, _), w, r in zip(clients, weights, ranks))
+    want_base = base.astype(np.float64) + sum(w / total * scaling(r) * b @ a for (a, b, _), w, r in zip(clients, weights, ranks))
     np.testing.assert_allclose(new[BASE], want_base, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new[HEAD], adapter[HEAD] + sum(w / total * h for (_, _, h), w in zip(clients, weights)), rtol=1e-5)
     np.testing.assert_array_equal(new[B_KEY], 0)
@@ -104,6 +114,27 @@ def test_flora_merges_the_stacked_product_into_the_base_and_restarts_lora():
     assert method.broadcast_bytes(state, state.adapter, 4) == head_bytes  # round 1: nothing stacked yet
     next_state = method.aggregate(state, RoundInput(1, None, total, messages))
     assert method.broadcast_bytes(next_state, stacked, 2) == head_bytes + 4 * sum(ranks) * (D_IN + D_OUT)
+
+
+def test_flora_clients_draw_their_own_a_each_round_unless_it_is_shared():
+    """The authors' code builds each client's LoRA afresh (PEFT's Kaiming-uniform A, drawn
+    independently per client); ``shared_a`` keeps raysim's earlier one A per round."""
+    method = FLoRA(FLoRAOptions(), lora_rank=R, client_ranks=(8, 2, 4), lora_alpha=16.0, seed=3)
+    start = {A_KEY: torch.from_numpy(seeded_lora_a(A_KEY, (R, D_IN), 3, 2)), B_KEY: torch.zeros(D_OUT, R), HEAD: torch.ones(3, D_OUT)}
+    bound = 1 / np.sqrt(D_IN)
+    own = []
+    for cid in range(3):
+        got = method.client_start(cid, 2, start)
+        a = got[A_KEY].numpy()
+        assert np.abs(a).max() <= bound and abs(a.std() - bound / np.sqrt(3)) < 0.3 * bound / np.sqrt(3)  # U(-bound, bound)
+        np.testing.assert_array_equal(a, method.client_start(cid, 2, start)[A_KEY].numpy())  # from the seed alone
+        assert not np.array_equal(a, start[A_KEY].numpy()) and not np.array_equal(a, method.client_start(cid, 3, start)[A_KEY].numpy())
+        assert got[B_KEY] is start[B_KEY] and got[HEAD] is start[HEAD]
+        own.append(a.ravel())
+    correlations = np.corrcoef(np.stack(own))[np.triu_indices(3, 1)]
+    assert np.all(np.abs(correlations) < 0.4)  # independent draws: 80 values each, |r| ~ 0.11
+    shared = FLoRA(FLoRAOptions(shared_a=True), lora_rank=R, client_ranks=(8, 2, 4), lora_alpha=16.0, seed=3)
+    assert all(shared.client_start(cid, 2, start) is start for cid in range(3))
 
 
 def _hetlora_message(method, cid, a, b, head):
@@ -136,6 +167,41 @@ def test_hetlora_averages_zero_padded_values_weighted_by_their_products_norm():
     for k in adapter:
         np.testing.assert_allclose(new[k], sum(pk * c[k] for pk, c in zip(p, padded)), rtol=1e-6)
     assert WEIGHT not in new
+
+
+def _runtime_mean(method, messages, examples, weighting="examples"):
+    """What the runtime hands the server (raysim/runtime/host.py) under ``train.weighting``:
+    each message times its client's weight (its examples where the method keeps that weighting,
+    else 1), summed, over the summed weights."""
+    keeps = method.client_weighting(weighting) == "examples"
+    weights = [float(n) if keeps else 1.0 for n in examples]
+    summed: dict = {}
+    for w, message in zip(weights, messages):
+        for k, v in message.summable.items():
+            summed[k] = summed.get(k, 0) + w * v.numpy()
+    return {k: v / sum(weights) for k, v in summed.items()}, sum(weights)
+
+
+@pytest.mark.parametrize("weighting", ["sparsity", "sparsity_x_examples"])
+def test_hetlora_weights_unequal_clients_by_their_norm_alone_as_the_paper_does(weighting):
+    """Clients of 10 and 30 examples under train.weighting: examples. The paper's p_k =
+    ||B_k A_k|| / Z is [0.415, 0.585] here; sparsity_x_examples (raysim before issue 43) also
+    multiplies by the examples: [0.191, 0.809]."""
+    rng = np.random.default_rng(5)
+    method = HetLoRA(HetOptions(weighting=weighting), lora_rank=R, client_ranks=(R, R))
+    state = method.init_server({A_KEY: rng.normal(size=(R, D_IN)), B_KEY: rng.normal(size=(D_OUT, R)), HEAD: rng.normal(size=(3, D_OUT))}, {})
+    clients = [{A_KEY: rng.normal(size=(R, D_IN)), B_KEY: rng.normal(size=(D_OUT, R)), HEAD: rng.normal(size=(3, D_OUT))} for _ in range(2)]
+    norm = [np.linalg.norm(c[B_KEY] @ c[A_KEY]) for c in clients]
+    clients[0][B_KEY] *= 0.415 / 0.585 * norm[1] / norm[0]  # norms in the ratio 0.415 : 0.585
+    norms = np.array([np.linalg.norm(c[B_KEY] @ c[A_KEY]) for c in clients])
+    examples = np.array([10.0, 30.0])
+    messages = [_hetlora_message(method, cid, c[A_KEY], c[B_KEY], c[HEAD]) for cid, c in enumerate(clients)]
+    mean, total = _runtime_mean(method, messages, examples)
+    new = method.aggregate(state, RoundInput(1, mean, total)).adapter
+    p = norms / norms.sum() if weighting == "sparsity" else norms * examples / (norms * examples).sum()
+    np.testing.assert_allclose(p, [0.415, 0.585] if weighting == "sparsity" else [0.191, 0.809], atol=1e-3)
+    for k in clients[0]:
+        np.testing.assert_allclose(new[k], sum(pk * c[k] for pk, c in zip(p, clients)), rtol=1e-6, atol=1e-9)
 
 
 def test_hetlora_self_pruning_drops_trailing_ranks_that_contribute_little():

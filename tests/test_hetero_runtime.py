@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from raysim import Simulation
+from raysim.methods.common import seeded_lora_a
 from raysim.methods.ranks import rank_slices
 from raysim.runtime.server import Server
 
@@ -40,10 +41,9 @@ def test_flora_merges_two_rounds_into_the_base_the_workers_train_and_evaluate_on
         adapter_dir = sim.save_adapter()
         ranks = sim.method.client_ranks
         downlink = [row["downlink_bytes"] for row in sim.rows]
-    alpha = cfg.lora.alpha
     bases = [k for k in start if k.endswith(".base_layer.weight")]
     assert len(bases) == 2 * cfg.model.config_overrides.num_hidden_layers  # query and value per layer
-    for base in bases:  # an independent replay: W2 = W0 + sum over rounds and clients of p_k (alpha / r_k) B_k A_k
+    for base in bases:  # an independent replay: W2 = W0 + sum over rounds and clients of p_k s_k B_k A_k, s_k = 2 (alpha_k = 2 r_k)
         prefix = base[: -len(".base_layer.weight")]
         want = start[base].astype(np.float64)
         for messages in MessageRecordingServer.rounds:
@@ -51,9 +51,16 @@ def test_flora_merges_two_rounds_into_the_base_the_workers_train_and_evaluate_on
             for cid, weight, message in messages:
                 a, b = message.per_client[f"{prefix}.lora_A.default.weight"], message.per_client[f"{prefix}.lora_B.default.weight"]
                 assert a.shape[0] == b.shape[1] == ranks[cid]  # each client sent its own rank
-                want += weight / total * alpha / ranks[cid] * b.astype(np.float64) @ a
+                want += weight / total * 2.0 * b.astype(np.float64) @ a
         np.testing.assert_allclose(merged[base], want, rtol=1e-5, atol=1e-6)
         assert not np.allclose(merged[base], start[base])
+    for round_idx, messages in enumerate(MessageRecordingServer.rounds, start=1):  # each client trained from its own A
+        for cid, _, message in messages:
+            for name, a in message.per_client.items():
+                if ".lora_A." in name:
+                    own = seeded_lora_a(name, start[name].shape, cfg.seed, round_idx, client=cid)[: ranks[cid]]
+                    shared = seeded_lora_a(name, start[name].shape, cfg.seed, round_idx if round_idx > 1 else 0)[: ranks[cid]]
+                    assert np.linalg.norm(a - own) < 0.5 * np.linalg.norm(a - shared), (round_idx, cid, name)
     # The saved files rebuild the evaluated model: the base with merge_base.safetensors, then PEFT's adapter.
     from peft import PeftModel
     from safetensors.torch import load_file
