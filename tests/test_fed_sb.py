@@ -63,7 +63,7 @@ def test_the_initial_adapter_is_the_truncated_svd_of_the_first_adam_step(tmp_pat
     mask = torch.arange(width)[None, :] < torch.from_numpy(data.lengths.astype(np.int64))[:, None]
     logits = plain(input_ids=torch.from_numpy(data.ids[:, :width].astype(np.int64)), attention_mask=mask.long()).logits
     F.cross_entropy(logits, torch.from_numpy(data.labels)).backward()
-    scaling = cfg.lora.alpha / RANK
+    scaling = 1.0  # the paper's alpha = r
     modules = [n for n, _ in plain.named_modules() if n.endswith(("query", "value"))]
     assert len(modules) == 4
     for name in modules:
@@ -97,6 +97,60 @@ def test_averaging_r_is_exact_and_only_r_and_the_head_are_sent():
     np.testing.assert_allclose(left @ right, b @ new[r_name(prefix)] @ a, rtol=1e-12)
 
 
+@pytest.mark.parametrize("weighting", ["uniform", "examples"])
+def test_r_is_averaged_unweighted_as_the_paper_does_whatever_the_clients_examples(weighting):
+    """Under train.weighting: examples the runtime would weight clients by their examples
+    (raysim/runtime/host.py); the paper's R is the plain mean of the R_k. ``weighting: examples``
+    keeps raysim's rule before issue 43."""
+    rng = np.random.default_rng(4)
+    method = FedSB(Options(weighting=weighting), lora_rank=RANK)
+    start = {r_name("m"): rng.normal(size=(RANK, RANK)), "head": np.zeros(3)}
+    state = method.init_server(start, {})
+    finals = [{k: v + rng.normal(size=v.shape) for k, v in start.items()} for _ in range(4)]
+    examples = np.array([10.0, 40.0, 20.0, 30.0])
+    weights = examples if method.client_weighting("examples") == "examples" else np.ones(4)  # the runtime's rule
+    mean = {k: sum(w * (f[k] - start[k]) for f, w in zip(finals, weights)) / weights.sum() for k in start}
+    new = method.aggregate(state, RoundInput(1, mean, float(weights.sum()))).adapter
+    p = np.full(4, 0.25) if weighting == "uniform" else examples / examples.sum()
+    for k in start:
+        np.testing.assert_allclose(new[k], sum(pk * f[k] for pk, f in zip(p, finals)), rtol=1e-10)
+
+
+def test_a_run_averages_r_unweighted_whatever_train_weighting_says(tmp_path):
+    """The runtime weights messages by the method's weighting: train.weighting changes nothing
+    under Fed-SB's default; ``method_args.weighting=examples`` brings the clients' examples back
+    (tiny.yaml's Dirichlet clients differ in size)."""
+    _, _, by_examples, _ = run(tmp_path / "examples", "train.weighting=examples", rounds=1)
+    _, _, uniform, _ = run(tmp_path / "uniform", "train.weighting=uniform", rounds=1)
+    _, _, weighted, _ = run(tmp_path / "weighted", "train.weighting=examples", "method_args.weighting=examples", rounds=1)
+    for name, value in uniform.items():
+        np.testing.assert_array_equal(by_examples[name], value)
+    assert max(float(np.abs(weighted[k] - uniform[k]).max()) for k in uniform) > 1e-6
+
+
+@pytest.mark.parametrize("args, scaling", [((), 1.0), (("method_args.scaling=lora_alpha",), 16 / RANK)], ids=["one", "lora_alpha"])
+def test_each_module_is_w0_plus_b_r_a_at_the_papers_scaling(tmp_path, args, scaling):
+    """The paper sets alpha = r: each module adds x (B R A)^T to its base output, whatever
+    lora.alpha (16 here) says; ``scaling: lora_alpha`` keeps raysim's earlier lora.alpha / r."""
+    cfg = config(tmp_path, *args)
+    model = build_model(cfg, 3).eval()
+    layers = [m for m in model.modules() if hasattr(m, "fed_sb_R")]
+    assert len(layers) == 4
+    rng = np.random.default_rng(6)
+    for layer in layers:
+        a, b, r = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.fed_sb_R["default"].weight
+        with torch.no_grad():
+            for t in (a, b, r):
+                t.copy_(torch.from_numpy(rng.normal(size=tuple(t.shape)).astype(np.float32)))
+        x = rng.normal(size=(5, a.shape[1])).astype(np.float32)
+        with torch.no_grad():
+            got = (layer(torch.from_numpy(x)) - layer.get_base_layer()(torch.from_numpy(x))).numpy()
+        product = b.detach().double().numpy() @ r.detach().double().numpy() @ a.detach().double().numpy()
+        np.testing.assert_allclose(got, scaling * x.astype(np.float64) @ product.T, rtol=1e-4, atol=1e-4)
+    saved = model.peft_config["default"]
+    assert saved.lora_alpha / saved.r == scaling  # what a saved adapter's config says
+
+
 def test_a_run_sends_r_squared_per_module_and_saves_a_plain_lora_of_the_same_product(tmp_path):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -121,7 +175,7 @@ def test_a_run_sends_r_squared_per_module_and_saves_a_plain_lora_of_the_same_pro
     torch.manual_seed(cfg.seed)
     base = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(cfg.model.name_or_path, num_labels=3, **cfg.model.config_overrides))
     loaded = PeftModel.from_pretrained(base, adapter_dir)
-    scaling = cfg.lora.alpha / RANK
+    scaling = 1.0  # the paper's alpha = r, whatever lora.alpha says
     for prefix in modules:
         layer = loaded.get_submodule(prefix)
         saved = layer.get_delta_weight("default").detach().numpy()

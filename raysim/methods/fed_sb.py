@@ -2,11 +2,21 @@
 Performance in (Private) Federated LoRA Fine-Tuning", 2025), on LoRA-SB (Ponkshe et al., 2024) and
 LoRA-XS (Bałazy et al., 2024).
 
-Each adapted module is W0 + s B R A (s = lora.alpha / lora.rank): B (d_out x r) and A (r x d_in)
-are frozen and shared by every client; only the r x r matrix R (and the task head) is trained and
-sent, so the uplink per module is r² values whatever the model's width, and averaging is exact:
-mean_k(B R_k A) = B mean_k(R_k) A. The paper pairs that with larger ranks than LoRA's at equal
-communication (r = 64 to 200 against 8 to 32): ``lora.rank`` sets r.
+Each adapted module is W0 + s B R A: B (d_out x r) and A (r x d_in) are frozen and shared by every
+client; only the r x r matrix R (and the task head) is trained and sent, so the uplink per module is
+r² values whatever the model's width, and averaging is exact: mean_k(B R_k A) = B mean_k(R_k) A.
+The paper pairs that with larger ranks than LoRA's at equal communication (r = 64 to 200 against 8
+to 32): ``lora.rank`` sets r.
+
+The paper's rule, the default:
+
+- ``scaling: one``: the paper sets α = r, so s = 1 whatever ``lora.alpha`` says (the model's LoRA
+  layers and the saved adapter's config take lora_alpha = r). ``scaling: lora_alpha`` keeps
+  raysim's rule before issue 43, s = lora.alpha / lora.rank (0.25 at configs/study/methods.yaml's
+  alpha 16 and rank 64).
+- ``weighting: uniform``: the server averages R unweighted, R = (1/K) sum_k R_k, every client
+  counting once whatever ``train.weighting`` says. ``weighting: examples`` keeps raysim's rule
+  before issue 43: the runtime's weights (the clients' examples under ``train.weighting: examples``).
 
 Initialisation, as LoRA-SB's: the first step of full fine-tuning with Adam moves each weight by
 -η sign(G), G the gradient of the loss in W0; its rank-r truncated SVD U S Vᵀ gives B = U, A = Vᵀ
@@ -37,13 +47,23 @@ R_NAME = "fed_sb_R"  # no "lora_" in it: PEFT's save leaves R out, and A' = R A 
 ADAPTER = "default"
 
 
+SCALINGS = ("one", "lora_alpha")
+WEIGHTINGS = ("uniform", "examples")
+
+
 @dataclass(frozen=True)
 class Options:
     init_lr: float = 1e-3
+    scaling: str = "one"  # the paper's s = 1 (alpha = r); lora_alpha: lora.alpha / lora.rank
+    weighting: str = "uniform"  # the paper's unweighted mean of R; examples: train.weighting's
 
     def __post_init__(self):
         if self.init_lr <= 0:
             raise ValueError(f"init_lr: {self.init_lr} must be > 0")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling: '{self.scaling}' is not one of {', '.join(SCALINGS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: '{self.weighting}' is not one of {', '.join(WEIGHTINGS)}")
 
 
 def _lora_layers(model) -> Iterator[tuple[str, Any]]:
@@ -83,12 +103,23 @@ class FedSB(Method):
         """R and the head; B and A frozen."""
         return AdapterSpec(rank=self.lora_rank, frozen_kinds=(LORA_A, LORA_B))
 
+    def client_weighting(self, configured: str) -> str:
+        return "uniform" if self.options.weighting == "uniform" else configured
+
     def prepare_model(self, model) -> None:
         """Put an r x r Linear R between each module's A and B: B's input passes through R first
-        (a forward pre-hook, which looks R up when called, so a swapped-in R is the one used)."""
+        (a forward pre-hook, which looks R up when called, so a swapped-in R is the one used).
+        With ``scaling: one``, every layer's scaling becomes 1, and so does the saved config's
+        lora_alpha / r."""
         import torch
 
+        if self.options.scaling == "one":
+            peft_config = getattr(model, "peft_config", {}).get(ADAPTER)
+            if peft_config is not None:
+                peft_config.lora_alpha = peft_config.r
         for _, layer in _lora_layers(model):
+            if self.options.scaling == "one":
+                layer.scaling[ADAPTER] = 1.0
             rank = layer.lora_A[ADAPTER].out_features
             weight = layer.lora_A[ADAPTER].weight
             r = torch.nn.Linear(rank, rank, bias=False, device=weight.device, dtype=weight.dtype)
