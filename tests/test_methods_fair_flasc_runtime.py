@@ -119,5 +119,19 @@ def test_the_saved_adapter_is_a_plain_lora_that_peft_loads(tmp_path, method):
     torch.manual_seed(cfg.seed)
     base = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(cfg.model.name_or_path, num_labels=3, **cfg.model.config_overrides))
     loaded = dict(PeftModel.from_pretrained(base, adapter_dir).named_parameters())
+    if method == FLASC_EF:  # FLASC saves what it evaluates: the adapter as clients download it, its top quarter by magnitude
+        flat = np.concatenate([v.ravel() for v in state.values()])
+        threshold = np.sort(np.abs(flat))[-math.ceil(0.25 * flat.size)]
+        state = {k: np.where(np.abs(v) >= threshold, v, 0).astype(v.dtype) for k, v in state.items()}
+        assert sum(int(np.count_nonzero(v)) for v in state.values()) == math.ceil(0.25 * flat.size)
     for name, value in state.items():
         np.testing.assert_array_equal(loaded[name].detach().numpy(), value)
+
+
+def test_flasc_evaluates_the_adapter_clients_download_unless_asked_for_the_dense_one(tmp_path):
+    """The authors' code evaluates the download-sparsified model; ``eval_dense`` evaluates the
+    server's dense adapter (raysim before issue 43): same training, different evaluation."""
+    sparse, _, _ = run(tmp_path / "sparse", "runtime=local", "method=flasc", rounds=1)
+    dense, _, _ = run(tmp_path / "dense", "runtime=local", "method=flasc", "method_args.eval_dense=true", rounds=1)
+    assert sparse[0]["train_loss"] == dense[0]["train_loss"]
+    assert sparse[0]["eval_loss"] != dense[0]["eval_loss"]

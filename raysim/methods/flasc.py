@@ -8,8 +8,11 @@ Clients fine-tune the whole LoRA (and the head) densely; only communication is s
   (zeros elsewhere);
 - upload: each client sends the global top-k of its update at ``upload_density``;
 - the server adds the mean of the sparse updates to its dense adapter through the server optimizer
-  (raysim's FedAvgM: ``server.lr``, ``server.momentum``; the paper's code steps AdamW), and
-  evaluates that dense adapter.
+  (raysim's FedAvgM: ``server.lr``, ``server.momentum``; the paper's code steps AdamW);
+- evaluation (and generation, and the saved adapter) use the adapter as clients download it, the
+  dense adapter's top-k at ``download_density``: the paper does not say which model it evaluates,
+  and the authors' public code evaluates the download-sparsified one by default.
+  ``eval_dense: true`` evaluates and saves the dense adapter instead, raysim's rule before issue 43.
 
 The head (PEFT's modules_to_save) is sparsified with the LoRA tensors, as in the authors' code.
 ``error_feedback`` adds what the paper leaves out and CELLM's abstract implies: each client keeps
@@ -38,6 +41,7 @@ class Options:
     download_density: float = 0.25
     upload_density: float = 0.25
     error_feedback: bool = False
+    eval_dense: bool = False  # True: evaluate and save the dense adapter, not the downloaded top-k
 
     def __post_init__(self):
         for key in ("download_density", "upload_density"):
@@ -121,6 +125,10 @@ class FLASC(Method):
 
     def broadcast(self, state: ServerState) -> dict[str, np.ndarray]:
         return top_k_numpy(state.adapter, self.options.download_density)[0]
+
+    def evaluated(self, state: ServerState) -> dict[str, np.ndarray] | None:
+        """The downloaded top-k (None: the broadcast), or with ``eval_dense`` the dense adapter."""
+        return state.adapter if self.options.eval_dense else None
 
     def broadcast_bytes(self, state: ServerState, sent: Mapping[str, np.ndarray], rank: int) -> int:
         total = sum(v.size for v in sent.values())
