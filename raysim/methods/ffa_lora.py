@@ -1,5 +1,5 @@
-"""FFA-LoRA: Federated Freeze-A LoRA (Sun, Qin, Zhang, Li; ICLR 2024, "Improving LoRA in
-Privacy-preserving Federated Learning").
+"""FFA-LoRA: Federated Freeze-A LoRA (Youbang Sun, Zitao Li, Yaliang Li, Bolin Ding; ICLR 2024,
+"Improving LoRA in Privacy-preserving Federated Learning").
 
 A is drawn once from a seed shared by all clients (:func:`raysim.methods.common.seeded_lora_a`)
 and frozen; only the zero-initialised B (and the task head) is trained and sent. With A shared,

@@ -2,8 +2,10 @@
 
 Every client trains both A and B (plus the task head) and sends both. The server averages A and B
 independently, which is inexact: mean_i(B_i A_i) != mean_i(B_i) mean_i(A_i) once clients diverge.
-The run logs that gap per round as ``aggregation_error``. With ``privacy.mode=central_dp`` or
-``local_dp_sgd`` this is DP-LoRA (Liu et al., 2023): Gaussian noise on the LoRA updates.
+The run logs that gap per round as ``aggregation_error``. ``privacy.mode=central_dp`` or
+``local_dp_sgd`` add Gaussian noise to the LoRA updates (raysim's mechanisms, docs/PRIVACY.md); DP-LoRA
+(Liu et al., 2023) is in that family, but no source specifies its mechanism, so neither is claimed
+to be it.
 """
 
 from raysim.methods.protocol import Method

@@ -9,9 +9,12 @@ Clients train A and B as in FedIT. The server forms the ideal update of each mod
 with S = 1 - cos of the flattened matrices (the paper's cosine form) or ||ΔW - (B̄ + ΔB) Ā||_F²
 (``distance: least_squares``; closed form ΔB = (ΔW Āᵀ - B̄ Ā Āᵀ)(Ā Āᵀ + λ I)⁻¹). Clients start the
 next round from (Ā, B̄ + ΔB) ("Avg-Initial"); a server optimizer other than lr 1, momentum 0 steps
-on that corrected update. The paper's λ is 0.01; it solves by gradient steps without stating how
-many: raysim runs ``steps`` of gradient descent from ΔB = 0 with a backtracking line search, so no
-step size needs tuning. Both forms work in d_out x r and r x r space: ΔW enters only as ΔW Āᵀ and
+on that corrected update.
+
+Where each default comes from: ``distance: cosine`` is the paper's S; ``lam: 0.01`` is a public
+reimplementation's default, not a value the paper gives; ``steps: 100`` is raysim's: the paper
+solves by gradient steps without saying how many or how large. raysim runs ``steps`` of gradient
+descent from ΔB = 0 with a backtracking line search, so no step size needs tuning. Both forms work in d_out x r and r x r space: ΔW enters only as ΔW Āᵀ and
 ||ΔW||.
 
 ΔW is summable: each client adds its B_k A_k (unscaled, like the factors) into the worker's

@@ -1,4 +1,4 @@
-"""Central (user-level) DP: DP-FedAvg (McMahan et al., ICLR 2018), as used by DP-LoRA.
+"""Central (user-level) DP: DP-FedAvg (McMahan et al., ICLR 2018).
 
 Each sampled client clips its whole update (all sent tensors together) to L2 norm ``clip_norm``;
 the server adds Gaussian noise of std ``noise_multiplier * clip_norm`` to the sum and divides by
