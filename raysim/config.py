@@ -36,7 +36,8 @@ MIN_DDP_RING_BITS = 8
 PRIVACY_MODES = ("none", "local_dp_sgd", "central_dp", "distributed_dp")
 # Modes whose unit of privacy is a client: each clips its whole update, and each counts once.
 USER_LEVEL_MODES = ("central_dp", "distributed_dp")
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("auto", "pld", "prv", "rdp")
+ADVERSARIES = ("server", "observer")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 
@@ -274,11 +275,20 @@ class PrivacyConfig:
     # of rounds (at least 3). Each client adds 1/min_clients of the noise, so more senders than
     # that add more noise than the budget needs.
     min_clients: int = 0
-    accountant: str = "rdp"
+    # local_dp_sgd, central_dp: pld (dp-accounting's privacy loss distribution: the tightest), prv
+    # (Opacus') or rdp (Renyi DP: 12-20% higher, as before 2026-12-07). auto: pld; distributed_dp is
+    # always accounted in RDP (the Skellam mechanism's bound) and takes auto or rdp.
+    accountant: str = "auto"
+    # Whom target_epsilon holds against. null: the strongest adversary the mode protects from:
+    # local_dp_sgd and distributed_dp the server, central_dp (which trusts the server) an observer of
+    # the released adapters. distributed_dp may plan for "observer" instead (subsampling amplifies
+    # only against it); every output then says so. docs/PRIVACY.md has the table.
+    adversary: Optional[str] = None
     # local_dp_sgd: how Opacus gets per-sample gradient norms ("hooks" measured faster for LoRA).
     grad_sample_mode: str = "hooks"
-    # local_dp_sgd: rounds a client's budget must last; 0 = all rounds (a client may be sampled in
-    # every one). Fewer means less noise, and clients that used their budget stop being sampled.
+    # local_dp_sgd, and distributed_dp against the server: rounds a client's budget must last; 0 =
+    # all rounds (a client may be sampled in every one). Fewer means less noise, and clients that
+    # used their budget stop being sampled.
     client_rounds: int = 0
 
 
@@ -689,6 +699,18 @@ def _validate_privacy(cfg: DictConfig) -> None:
     _check(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier", "must be > 0")
     _check(0 < p.target_delta < 1, "privacy.target_delta", "must be in (0, 1)")
     _check(p.accountant in ACCOUNTANTS, "privacy.accountant", f"'{p.accountant}' is not one of {', '.join(ACCOUNTANTS)}")
+    _check(p.adversary is None or p.adversary in ADVERSARIES, "privacy.adversary", f"'{p.adversary}' is not one of {', '.join(ADVERSARIES)} (or null)")
+    _check(p.client_rounds >= 0, "privacy.client_rounds", "must be >= 0")
+    _check(
+        not (p.mode == "central_dp" and p.adversary == "server"),
+        "privacy.adversary",
+        "central_dp trusts the server, which sees every clipped update: for a guarantee against it use distributed_dp or local_dp_sgd",
+    )
+    _check(
+        not (p.mode == "local_dp_sgd" and p.adversary == "observer"),
+        "privacy.adversary",
+        "local_dp_sgd's epsilon already holds against the server; planning for a weaker adversary buys no less noise",
+    )
     if p.mode == "local_dp_sgd":
         _check(p.max_grad_norm is not None, "privacy.max_grad_norm", "local_dp_sgd needs a per-sample clipping bound, e.g. 1.0")
         _check(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
@@ -697,13 +719,12 @@ def _validate_privacy(cfg: DictConfig) -> None:
             "privacy.grad_sample_mode",
             f"'{p.grad_sample_mode}' is not one of {', '.join(GRAD_SAMPLE_MODES)}",
         )
-        _check(p.client_rounds >= 0, "privacy.client_rounds", "must be >= 0")
     else:
         _check(p.clip_norm is not None, "privacy.clip_norm", f"{p.mode} needs a bound on each client's update norm, e.g. 0.1")
         _check(p.clip_norm > 0, "privacy.clip_norm", "must be > 0")
     if p.mode == "distributed_dp":
         _check(cfg.secagg.enabled, "privacy.mode", "distributed_dp adds its noise inside secure aggregation: set secagg.enabled: true")
-        _check(p.accountant == "rdp", "privacy.accountant", "distributed_dp is accounted in RDP (the Skellam mechanism's bound): use rdp")
+        _check(p.accountant in ("auto", "rdp"), "privacy.accountant", "distributed_dp is accounted in RDP (the Skellam mechanism's bound): use auto or rdp")
         _check(
             MIN_DDP_RING_BITS <= cfg.secagg.bits <= skellam.MAX_RING_BITS,
             "secagg.bits",

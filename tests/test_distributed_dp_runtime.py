@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from raysim import Simulation
 from raysim.cli import main
-from raysim.config import CONFIG_DIR
+from raysim.config import CONFIG_DIR, UserError
 from raysim.privacy import skellam
 from raysim.privacy.budget import PrivacyBudget
 from raysim.state_codec import decode, encode
@@ -40,6 +40,9 @@ def test_one_round_is_the_clipped_sum_plus_skellam_noise_of_the_planned_size(tmp
         row = sim.run_round()
         got, plan = sim.global_adapter(), sim.budget.skellam
         summary = json.loads(sim.write_summary(sim.evaluate()).read_text())["privacy"]
+        clients = sim.client_privacy().to_pylist()
+        with pytest.raises(UserError, match="clients.per_round: under distributed_dp the sampling rate is part of the privacy plan"):
+            sim.set_clients(per_round=5)
     assert row["clients"] == len(sampled) >= plan.min_clients and not row["secagg_aborted"]
     start, finals, _, _ = client_results(cfg, sampled)
     names = sorted(start)
@@ -55,7 +58,12 @@ def test_one_round_is_the_clipped_sum_plus_skellam_noise_of_the_planned_size(tmp
     assert abs(residual.var() / planned - 1) < 0.15  # over ~2,000 values: 4 standard errors
     assert abs(residual.mean()) < 4 * math.sqrt(planned / residual.size)
     assert row["ddp_noise_std"] == pytest.approx(math.sqrt(planned) / (plan.sample_rate * 40))
-    assert row["epsilon"] == pytest.approx(skellam.epsilon(plan, 1, 1e-5), rel=1e-12)
+    # Against the server (the default): each sender's one unmasked round, unamplified; against an
+    # observer of the adapters: the round, amplified by sampling.
+    assert row["epsilon"] == row["epsilon_server"] == pytest.approx(skellam.server_epsilon(plan, 1, 1e-5), rel=1e-12)
+    assert row["epsilon_observer"] == pytest.approx(skellam.observer_epsilon(plan, 1, 1e-5), rel=1e-12)
+    assert [c["client"] for c in clients if c["participations"] == 1] == sorted(sampled)
+    assert all(c["participations"] == 0 and c["epsilon_server"] == 0 for c in clients if c["client"] not in sampled)
     assert summary["mode"] == "distributed_dp" and summary["noise_multiplier"] == pytest.approx(plan.noise_multiplier)
     assert summary["gaussian_equivalent_epsilon"] < summary["epsilon"]  # the general subsampling bound is looser
 
@@ -91,13 +99,14 @@ def test_a_checkpointed_budget_keeps_its_plan_through_json(tmp_path):
     cfg = tiny_config(tmp_path, *DDP)
     budget = PrivacyBudget(cfg.privacy, [80] * 40, rounds=3, local_steps=3, batch_size=16, per_round=10, secagg=cfg.secagg)
     budget.fit_message(2253)
-    budget.record_round({})
+    budget.record_round({}, released=[3, 7])
     tree, arrays = encode(budget.state_dict())
     saved = decode(json.loads(json.dumps(tree)), arrays)  # as a checkpoint writes and reads it
     longer = PrivacyBudget(cfg.privacy, [80] * 40, rounds=30, local_steps=3, batch_size=16, per_round=10, secagg=cfg.secagg)
     longer.load_state_dict(saved)
     longer.fit_message(2253)
     assert longer.skellam == budget.skellam and longer.epsilon == budget.epsilon > 0
+    assert longer.participations == {3: 1, 7: 1} and longer.columns() == budget.columns()
 
 
 @pytest.mark.parametrize("bits", [20, 32])

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from raysim.config import CONFIG_DIR, ConfigError, load_config
+from raysim.config import CONFIG_DIR, ConfigError, PrivacyConfig, load_config
 from raysim.model import build_model, trainable_parameters
-from raysim.privacy.accounting import RDP_ORDERS, epsilon, solve_noise_multiplier
+from raysim.privacy.accounting import RDP_ORDERS, epsilon, resolve_accountant, solve_noise_multiplier
+from raysim.privacy import skellam
 from raysim.privacy.budget import BudgetExhausted, ClientPrivacy, PrivacyBudget
 from raysim.privacy.central_dp import clip_update, noisy_mean, poisson_clients, update_norm
 from raysim.privacy.local_dp import DPSGD, plan_noise, poisson_batch, sample_rate
@@ -31,6 +32,59 @@ def test_rdp_epsilon_equals_opacus_rdp_accountant(history):
     accountant = RDPAccountant()
     accountant.history = list(history)
     assert epsilon(history, 1e-5, "rdp") == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+
+
+# (noise multiplier, sample rate, steps): central DP's and local DP-SGD's settings from issue 43's
+# review, many small steps, full batches, and a long run at a high rate.
+SETTINGS = [(1.0718, 0.1, 10), (3.662, 16 / 34, 10), (1.0, 0.01, 1000), (20.0, 1.0, 5), (0.9, 0.5, 200)]
+
+
+def _microsoft_prv(sigma: float, q: float, steps: int) -> tuple[float, float, float]:
+    """(lower, estimate, upper) epsilon at delta 1e-5 from Microsoft's prv-accountant, a library
+    raysim does not call."""
+    from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant as MicrosoftPRV
+
+    mechanism = PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=sigma)
+    accountant = MicrosoftPRV(prvs=[mechanism], max_self_compositions=[steps], eps_error=0.01, delta_error=1e-10)
+    return accountant.compute_epsilon(delta=1e-5, num_self_compositions=[steps])
+
+
+@pytest.mark.parametrize("sigma, q, steps", SETTINGS)
+def test_the_default_accountant_is_within_1_percent_of_an_independent_tight_one(sigma, q, steps):
+    low, estimate, high = _microsoft_prv(sigma, q, steps)
+    got = epsilon([(sigma, q, steps)], 1e-5, resolve_accountant(PrivacyConfig.accountant))
+    assert got == pytest.approx(estimate, rel=0.01) and low <= got <= high
+
+
+@pytest.mark.parametrize("sigma, q, steps", SETTINGS[:3])
+def test_rdp_equals_dp_accountings_rdp_and_is_looser_than_the_default(sigma, q, steps):
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    reference = RdpAccountant().compose(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps).get_epsilon(1e-5)
+    rdp = epsilon([(sigma, q, steps)], 1e-5, "rdp")
+    assert rdp == pytest.approx(reference, rel=1e-3)
+    assert rdp > 1.1 * epsilon([(sigma, q, steps)], 1e-5, "pld")
+
+
+def test_a_history_of_several_noise_levels_composes_like_the_independent_accountant():
+    from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant as MicrosoftPRV
+
+    history = [(0.8, 0.05, 30), (1.3, 0.02, 70), (0.8, 0.05, 20)]
+    prvs = [PoissonSubsampledGaussianMechanism(sampling_probability=0.05, noise_multiplier=0.8),
+            PoissonSubsampledGaussianMechanism(sampling_probability=0.02, noise_multiplier=1.3)]
+    accountant = MicrosoftPRV(prvs=prvs, max_self_compositions=[50, 70], eps_error=0.01, delta_error=1e-10)
+    low, estimate, high = accountant.compute_epsilon(delta=1e-5, num_self_compositions=[50, 70])
+    got = epsilon(history, 1e-5, "pld")
+    assert got == pytest.approx(estimate, rel=0.01) and low <= got <= high
+
+
+@pytest.mark.parametrize("q, steps, target", [(0.1, 10, 3.0), (16 / 34, 10, 1.0), (0.02, 500, 2.0)])
+def test_the_pld_solve_finds_the_least_noise_for_the_target_by_the_independent_accountant(q, steps, target):
+    sigma = solve_noise_multiplier(target, 1e-5, q, steps, "pld")
+    assert _microsoft_prv(sigma, q, steps)[0] <= target  # within the target by its lower bound
+    assert _microsoft_prv(sigma * 0.99, q, steps)[1] > target  # 1% less noise would not be
+    assert sigma < solve_noise_multiplier(target, 1e-5, q, steps, "rdp")  # the tighter bound buys less noise
 
 
 def test_prv_epsilon_equals_opacus_prv_accountant():
@@ -154,9 +208,8 @@ def test_dp_sgd_noise_moves_every_trained_tensor_in_train_mode(tmp_path):
 
 
 def _privacy(**values):
-    base = {"mode": "none", "target_epsilon": None, "target_delta": 1e-5, "noise_multiplier": None,
-            "max_grad_norm": 1.0, "clip_norm": 0.1, "accountant": "rdp", "grad_sample_mode": "hooks", "client_rounds": 0}
-    return OmegaConf.create({**base, **values})
+    """The privacy section with the schema's defaults, RDP unless ``values`` say otherwise."""
+    return OmegaConf.merge(OmegaConf.structured(PrivacyConfig), {"max_grad_norm": 1.0, "clip_norm": 0.1, "accountant": "rdp", **values})
 
 
 def test_central_budget_stops_before_the_round_that_would_exceed_it():
@@ -172,6 +225,55 @@ def test_central_budget_stops_before_the_round_that_would_exceed_it():
     assert all(a < b for a, b in zip(spent, spent[1:]))
     with pytest.raises(BudgetExhausted):
         budget.check_next_round(100)
+
+
+def _distributed(**values):
+    privacy = _privacy(mode="distributed_dp", accountant="auto", clip_norm=1.0, **values)
+    budget = PrivacyBudget(privacy, [30] * 50, rounds=6, local_steps=2, batch_size=8, per_round=10, secagg=OmegaConf.create({"bits": 20, "dropout_rate": 0.0}))
+    budget.fit_message(300)
+    return budget
+
+
+def test_distributed_budget_accounts_each_client_against_the_server_over_its_own_unmasked_rounds():
+    budget = _distributed(target_epsilon=8.0, client_rounds=2)
+    plan = budget.skellam
+    assert skellam.server_epsilon(plan, 2, 1e-5) <= 8.0 < skellam.server_epsilon(plan, 3, 1e-5)  # planned for 2 of its own rounds
+    assert budget.record_round({}, released=[0, 1, 2]) == []
+    assert budget.record_round({}, released=[0, 3]) == [0]  # a third round would take client 0 over
+    budget.record_round({}, released=[])  # an aborted round: nothing unmasked, nothing spent against the server
+    rows = {r["client"]: r for r in budget.client_rows(8)}
+    assert [rows[c]["participations"] for c in range(5)] == [2, 1, 1, 1, 0]
+    assert rows[0]["epsilon_server"] == skellam.server_epsilon(plan, 2, 1e-5) and rows[4]["epsilon_server"] == 0.0
+    assert rows[0]["exhausted"] and budget.exhausted == {0}
+    assert budget.epsilon == budget.epsilon_server == rows[0]["epsilon_server"]
+    # The observer's number is the run's, amplified, over every round noised (aborted ones too).
+    assert budget.columns()["epsilon_observer"] == skellam.observer_epsilon(plan, 3, 1e-5) < budget.epsilon
+    summary = budget.summary()
+    assert summary["adversary"] == "server" and summary["participations_max"] == 2 and "zeroed" in summary["neighbours"]
+    budget.check_next_round(50)  # 49 clients left
+
+
+def test_distributed_budget_planned_for_an_observer_says_so_and_stops_rounds_not_clients():
+    budget = _distributed(target_epsilon=3.0, adversary="observer")
+    assert skellam.observer_epsilon(budget.skellam, 6, 1e-5) <= 3.0
+    for _ in range(6):
+        budget.check_next_round(50)
+        assert budget.record_round({}, released=list(range(10))) == []
+    assert budget.epsilon == budget.columns()["epsilon_observer"] < budget.columns()["epsilon_server"]
+    assert "OBSERVER OF THE RELEASED ADAPTERS ONLY" in budget.describe() and budget.summary()["adversary"] == "observer"
+    with pytest.raises(BudgetExhausted):
+        budget.check_next_round(50)
+
+
+@pytest.mark.parametrize("mode, adversary, message", [
+    ("central_dp", "server", "central_dp trusts the server"),
+    ("local_dp_sgd", "observer", "already holds against the server"),
+    ("distributed_dp", "anyone", "not one of server, observer"),
+])
+def test_an_adversary_the_mode_cannot_promise_is_refused(tmp_path, mode, adversary, message):
+    extra = ["secagg.enabled=true"] if mode == "distributed_dp" else []
+    with pytest.raises(ConfigError, match=f"privacy.adversary: .*{message}"):
+        tiny_config(tmp_path, f"privacy.mode={mode}", "privacy.target_epsilon=3", "privacy.clip_norm=0.1", f"privacy.adversary={adversary}", *extra)
 
 
 def test_local_budget_excludes_exhausted_clients_and_reports_the_largest_epsilon():
@@ -207,3 +309,8 @@ def test_bad_privacy_values_name_their_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIG_DIR / "tiny.yaml", overrides)
     assert str(err.value).startswith(key)
+
+
+def test_the_default_accountant_falls_back_to_rdp_where_the_noise_is_too_small_for_its_grid():
+    """sigma 0.01 would need ~1e10 grid points: RDP's bound (also an upper bound) is reported."""
+    assert epsilon([(0.01, 0.1, 10)], 1e-5, "pld") == epsilon([(0.01, 0.1, 10)], 1e-5, "rdp") > 100

@@ -18,10 +18,23 @@ the noise mu the accounting assumes. The server re-centres the unmasked sum in
 Honest clients refuse to unmask a round with fewer than m senders (raysim.secagg.protocol.unmask),
 so dropouts can lower the noise to the planned floor and no further.
 
-Privacy is per client, for neighbouring inputs that differ in one client's update being replaced
-by zeros (its noise share stays): the shift of the sum is then one client's rounded vector, and the
-paper's bound on the RDP of the multi-dimensional Skellam mechanism applies, amplified by the
-Poisson sampling of clients (raysim.privacy.accounting.poisson_subsampled_rdp).
+Privacy is per client, and two numbers hold against two adversaries (docs/PRIVACY.md):
+
+- **the server** draws the sample and SecAgg tells it who sent, so subsampling does not amplify
+  against it. Neighbours: one client's update replaced by zeros, its noise share kept (it takes
+  part either way, and the server knows it does). The sum then shifts by one client's rounded
+  vector under at least mu of noise: the paper's RDP bound for the multi-dimensional Skellam
+  mechanism, unamplified, composed over the rounds the client's input was unmasked in
+  (:func:`server_epsilon`).
+- **an observer of the released adapters only** does not know who took part: the same bound,
+  amplified by the Poisson sampling of clients (Zhu & Wang's general bound,
+  raysim.privacy.accounting.poisson_subsampled_rdp), which holds for add/remove neighbours. The
+  target's own noise share is given to the adversary, so that removing the target removes a
+  known quantity and leaves its update under the others' noise, mu (m - 1) / m
+  (:func:`observer_epsilon`).
+
+RDP is the tightest bound justified here: the mechanism is multi-dimensional and integer-valued,
+with no closed-form privacy loss distribution; the conversion to epsilon is Opacus'.
 No Ray, no torch.
 """
 
@@ -185,16 +198,31 @@ def skellam_rdp(orders: np.ndarray, l2: float, l1: float, mu: float) -> np.ndarr
     return a * l2**2 / (4 * mu) + np.minimum(((2 * a - 1) * l2**2 + 6 * l1) / (16 * mu**2), 3 * l1 / (4 * mu))
 
 
+def participation_rdp(plan: SkellamPlan) -> np.ndarray:
+    """The RDP at orders 2, 3, ... of one unmasked round a client's input was in, against the
+    server (unamplified, the client's own noise share counted: it is private from the server)."""
+    return skellam_rdp(np.array(INTEGER_ORDERS_FROM_2), plan.l2_sensitivity, plan.l1_sensitivity, plan.mu)
+
+
 def round_rdp(plan: SkellamPlan) -> np.ndarray:
-    """One round's RDP at orders 2, 3, ...: the Skellam bound amplified by the Poisson sampling of
-    clients at plan.sample_rate."""
-    rdp = skellam_rdp(np.array(INTEGER_ORDERS_FROM_2), plan.l2_sensitivity, plan.l1_sensitivity, plan.mu)
+    """One round's RDP at orders 2, 3, ... against an observer of the released adapters: the
+    Skellam bound under the other senders' noise, mu (m - 1) / m, amplified by the Poisson
+    sampling of clients at plan.sample_rate."""
+    others = plan.mu * (plan.min_clients - 1) / plan.min_clients
+    rdp = skellam_rdp(np.array(INTEGER_ORDERS_FROM_2), plan.l2_sensitivity, plan.l1_sensitivity, others)
     return poisson_subsampled_rdp(plan.sample_rate, rdp)
 
 
-def epsilon(plan: SkellamPlan, rounds: int, delta: float) -> float:
-    """The epsilon (for ``delta``) of ``rounds`` rounds, composed in RDP; 0 for none."""
+def observer_epsilon(plan: SkellamPlan, rounds: int, delta: float) -> float:
+    """The epsilon (for ``delta``) of ``rounds`` released rounds against an observer of the
+    adapters, composed in RDP; 0 for none."""
     return rdp_epsilon(rounds * round_rdp(plan), delta) if rounds > 0 else 0.0
+
+
+def server_epsilon(plan: SkellamPlan, participations: int, delta: float) -> float:
+    """The epsilon (for ``delta``) against the server of a client whose input was in
+    ``participations`` unmasked sums, composed in RDP; 0 for none."""
+    return rdp_epsilon(participations * participation_rdp(plan), delta) if participations > 0 else 0.0
 
 
 def choose_scale(clip_norm: float, padded: int, ring_bits: int, noise_multiplier: float, clients: float, min_clients: int) -> float:
@@ -220,11 +248,15 @@ def plan_skellam(
     delta: float,
     target_epsilon: float | None = None,
     noise_multiplier: float | None = None,
+    adversary: str = "server",
+    participations: int | None = None,
 ) -> SkellamPlan:
-    """The plan for ``rounds`` rounds: the noise of ``noise_multiplier`` x clip_norm, or the least
-    noise whose epsilon is at most ``target_epsilon``; the scale for ``ring_bits`` and ``clients``
-    senders (the count to expect), found together (the scale depends on the noise, the noise's
-    epsilon a little on the scale's rounding). ValueError if the target cannot be reached."""
+    """The plan: the noise of ``noise_multiplier`` x clip_norm, or the least noise whose epsilon
+    is at most ``target_epsilon`` against ``adversary``: the server, over ``participations``
+    unmasked rounds of one client (default: every round), or an observer of the adapters, over
+    ``rounds`` rounds; the scale for ``ring_bits`` and ``clients`` senders (the count to expect),
+    found together (the scale depends on the noise, the noise's epsilon a little on the scale's
+    rounding). ValueError if the target cannot be reached."""
     padded = padded_length(dim)
 
     def plan_for(z: float, scale: float) -> SkellamPlan:
@@ -233,15 +265,16 @@ def plan_skellam(
     if noise_multiplier is not None:
         return plan_for(noise_multiplier, choose_scale(clip_norm, padded, ring_bits, noise_multiplier, clients, min_clients))
     assert target_epsilon is not None
+    spent = functools.partial(server_epsilon, participations=participations or rounds) if adversary == "server" else functools.partial(observer_epsilon, rounds=rounds)
     z = 1.0
     for _ in range(3):  # the scale for the noise, then the noise for the scale: settles at once
         scale = choose_scale(clip_norm, padded, ring_bits, z, clients, min_clients)
-        z = _solve_noise(functools.partial(_epsilon_at, plan_for, scale, rounds, delta), target_epsilon)
+        z = _solve_noise(functools.partial(_epsilon_at, plan_for, scale, spent, delta), target_epsilon)
     return plan_for(z, scale)  # the pair whose epsilon was checked
 
 
-def _epsilon_at(plan_for, scale: float, rounds: int, delta: float, noise_multiplier: float) -> float:
-    return epsilon(plan_for(noise_multiplier, scale), rounds, delta)
+def _epsilon_at(plan_for, scale: float, spent, delta: float, noise_multiplier: float) -> float:
+    return spent(plan_for(noise_multiplier, scale), delta=delta)
 
 
 def _solve_noise(eps_at, target: float) -> float:

@@ -172,9 +172,7 @@ class ClientHost(SecAggClients):
         if cid not in self.states:
             state = ClientState.new(self.cfg.seed, cid)
             if self.dp:
-                from opacus.accountants import create_accountant
-
-                state.accountant = create_accountant(mechanism=self.privacy.accountant)
+                state.accountant = _history_keeper()
                 state.accountant.history = [tuple(h) for h in self.histories.get(cid, [])]
             self.states[cid] = state
         return self.states[cid]
@@ -182,14 +180,15 @@ class ClientHost(SecAggClients):
     def _train_private(self, cid: int, data: ClientData, state: ClientState, train_cfg, round_idx: int) -> tuple[float, ClientPrivacy]:
         """DP-SGD steps for one client; (loss, its accounting), or (nan, ...) without training
         when this round would take it over its budget."""
-        from raysim.privacy.accounting import epsilon
+        from raysim.privacy.accounting import epsilon, resolve_accountant
         from raysim.privacy.local_dp import poisson_batch, sample_rate
 
         privacy, target = self.privacy, self.privacy.target_epsilon
+        accountant = resolve_accountant(privacy.accountant)
         sigma, rate, steps = self.noise[cid], sample_rate(len(data), train_cfg.batch_size), train_cfg.local_steps
 
         def spent(history: list, extra_steps: int = 0) -> float:
-            return epsilon(history + [(sigma, rate, extra_steps)], privacy.target_delta, privacy.accountant)
+            return epsilon(history + [(sigma, rate, extra_steps)], privacy.target_delta, accountant)
 
         before = list(state.accountant.history)
         if target is not None and spent(before, steps) > target:
@@ -224,13 +223,7 @@ class ClientHost(SecAggClients):
     def import_states(self, states: dict[int, dict]) -> int:
         """Take clients' local states, as :meth:`export_states` and :meth:`hand_over` give them:
         from a checkpoint (after :meth:`load`), or from another worker."""
-        make_accountant = None
-        if self.dp:
-            from opacus.accountants import create_accountant
-
-            def make_accountant():
-                return create_accountant(mechanism=self.privacy.accountant)
-
+        make_accountant = _history_keeper if self.dp else None
         for cid, values in states.items():
             self.states[cid] = ClientState.from_dict(values, self.device, make_accountant)
         return len(states)
@@ -522,3 +515,12 @@ class ClientHost(SecAggClients):
 
                 save_file(base, str(Path(tmp) / MERGED_BASE_FILE))
             return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _history_keeper():
+    """A client's DP-SGD history, in Opacus' (noise, rate, steps) form: Opacus' RDP accountant is
+    kept for its ``step`` and ``history`` only; epsilon is raysim.privacy.accounting's, with the
+    run's accountant."""
+    from opacus.accountants import RDPAccountant
+
+    return RDPAccountant()

@@ -50,16 +50,17 @@ def secure_round(
         senders = get(server.secagg_collect.remote(round_idx, *(ref for _, ref, _ in trained.values())))
         revealed = gather(sim, round_idx, {w: workers[w].secagg_unmask.remote(round_idx, senders) for w in trained}, by_worker, "unmasking")
         server_report = get(server.secagg_aggregate.remote(round_idx, skellam, *(ref for _, ref in revealed.values())))
-        aborted, aggregated = "", len(senders)
+        aborted, aggregated, released = "", len(senders), list(senders)
     except SecAggAborted as reason:
         # Raised in the server actor, it arrives as Ray's task error, which carries it as its cause.
-        aborted, aggregated = str(getattr(reason, "cause", None) or reason), 0
+        aborted, aggregated, released = str(getattr(reason, "cause", None) or reason), 0, []
         log.warning("round %d: secure aggregation aborted (%s); the global adapter is unchanged", round_idx, aborted)
         server_report = ServerReport(aggregation_error=math.nan, uplink_bytes=get(server.secagg_abort.remote(round_idx)))
     sent_values = sum(len(r.clients) for r in reports) * sim.sent_values_per_client
     clipped = sum(r.secagg_clipped for r in reports)
     columns = {
         "aggregated": aggregated,
+        "released": released,
         "secagg_aborted": bool(aborted),
         "secagg_clipped": clipped / sent_values if sent_values else 0.0,
     }

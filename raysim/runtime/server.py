@@ -97,11 +97,12 @@ class Server:
     def sample(self, round_idx: int, per_round: int, excluded: list[int] | tuple = ()) -> list[int]:
         """Clients for this round, drawn from (seed, round) alone: ``per_round`` of the clients not
         ``excluded`` without replacement, or under central or distributed DP each client with
-        probability q."""
+        probability q (then an ``excluded`` client drawn is left out: it has used its budget)."""
         rng = np.random.default_rng([self.seed, round_idx, _SAMPLING_STREAM])
         poisson_rate = (self.central_dp or self.secagg or {}).get("sample_rate")
         if poisson_rate is not None:
-            return poisson_clients(rng, self.num_clients, poisson_rate)
+            spent = set(excluded)
+            return [c for c in poisson_clients(rng, self.num_clients, poisson_rate) if c not in spent]
         eligible = np.setdiff1d(np.arange(self.num_clients), np.asarray(excluded, dtype=np.int64))
         chosen = rng.choice(eligible, size=min(per_round, len(eligible)), replace=False)
         return sorted(int(c) for c in chosen)

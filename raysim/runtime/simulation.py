@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from raysim.attacks import malicious_clients
-from raysim.config import ConfigError, UserError, from_dict, load_config, to_yaml, validate
+from raysim.config import USER_LEVEL_MODES, ConfigError, UserError, from_dict, load_config, to_yaml, validate
 from raysim.methods import build as build_method
 from raysim.methods.common import BASE_LAYER
 from raysim.privacy.budget import BudgetExhausted
@@ -316,8 +316,8 @@ class Simulation:
         cfg = self.cfg
         if not 1 <= per_round <= cfg.clients.num:
             raise UserError(f"clients.per_round: {per_round} is not between 1 and clients.num ({cfg.clients.num})")
-        if self.budget.mode == "central_dp":
-            raise UserError("clients.per_round: under central_dp the sampling rate is part of the privacy plan and cannot change")
+        if self.budget.mode in USER_LEVEL_MODES:
+            raise UserError(f"clients.per_round: under {self.budget.mode} the sampling rate is part of the privacy plan and cannot change")
         if self.secure and per_round < 3:
             raise UserError("clients.per_round: secure aggregation needs at least 3 clients per round")
         cfg.clients.per_round = per_round
@@ -363,7 +363,8 @@ class Simulation:
         reports, server_report, extra = run(self, round_idx, global_ref, by_worker, train, arrivals)
         trained_clients = sum(len(r.clients) for r in reports)
         completed = extra.pop("aggregated") if self.secure else trained_clients
-        newly_exhausted = self.budget.record_round({c: p for r in reports for c, p in r.privacy.items()})
+        released = extra.pop("released") if self.secure else []
+        newly_exhausted = self.budget.record_round({c: p for r in reports for c, p in r.privacy.items()}, released)
         if newly_exhausted:
             log.info(
                 "round %d: client(s) %s reached the privacy budget (epsilon %g) and will not be sampled again",
@@ -390,6 +391,7 @@ class Simulation:
             "aggregate_s": extra.pop("aggregate_s", math.nan),
             "epsilon": self.budget.epsilon,
             "delta": self.budget.delta if self.budget.enabled else 0.0,
+            **self.budget.columns(),
             **extra,
         }
         if self.attackers:
@@ -538,13 +540,18 @@ class Simulation:
         return pa.Table.from_pylist(self.rows)
 
     def client_privacy(self) -> pa.Table:
-        """Local DP: each client's noise multiplier, DP-SGD steps taken and epsilon spent."""
-        if self.budget.mode != "local_dp_sgd":
+        """Local DP: each client's noise multiplier, DP-SGD steps taken and epsilon spent.
+        Distributed DP: each client's unmasked rounds and its epsilon against the server."""
+        if not self._per_client_privacy:
             return pa.table({})
         return pa.Table.from_pylist(self.budget.client_rows(self.cfg.train.batch_size))
 
+    @property
+    def _per_client_privacy(self) -> bool:
+        return self.budget.mode in ("local_dp_sgd", "distributed_dp")
+
     def _write_metrics(self) -> None:
-        self.outputs.write_metrics(self.rows, self.client_privacy() if self.budget.mode == "local_dp_sgd" else None)
+        self.outputs.write_metrics(self.rows, self.client_privacy() if self._per_client_privacy else None)
 
     def global_adapter(self) -> dict[str, np.ndarray]:
         return self.backend.get(self.server.global_state.remote())
