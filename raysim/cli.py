@@ -71,7 +71,7 @@ def run(args: list[str], quiet: bool = False) -> int:
             scored = f"accuracy {final['eval_accuracy']:.4f} on {final['eval_examples']} examples"
         log.info("done: %d rounds, final %s %s; adapter in %s, summary in %s", sim.round, cfg.eval.split, scored, adapter, summary)
         if sim.budget.enabled:
-            log.info("privacy: %s spent (epsilon, delta) = (%.3f, %g)", cfg.privacy.mode, sim.budget.epsilon, sim.budget.delta)
+            log.info("privacy: %s spent (epsilon, delta) = (%.3f, %g) %s", cfg.privacy.mode, sim.budget.epsilon, sim.budget.delta, sim.budget.whom())
     finally:
         sim.shutdown()
     return 0

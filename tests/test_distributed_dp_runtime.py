@@ -15,6 +15,7 @@ from raysim.cli import main
 from raysim.config import CONFIG_DIR, UserError
 from raysim.privacy import skellam
 from raysim.privacy.budget import PrivacyBudget
+from raysim.runtime.outputs import format_row
 from raysim.state_codec import decode, encode
 
 from conftest import client_results, tiny_config
@@ -62,6 +63,8 @@ def test_one_round_is_the_clipped_sum_plus_skellam_noise_of_the_planned_size(tmp
     # observer of the adapters: the round, amplified by sampling.
     assert row["epsilon"] == row["epsilon_server"] == pytest.approx(skellam.server_epsilon(plan, 1, 1e-5), rel=1e-12)
     assert row["epsilon_observer"] == pytest.approx(skellam.observer_epsilon(plan, 1, 1e-5), rel=1e-12)
+    assert f"eps {row['epsilon_server']:.3f} vs server, {row['epsilon_observer']:.3f} vs observer" in format_row(row, 1)
+    assert summary["adversary"] == "server" and summary["epsilon_server"] == row["epsilon_server"]
     assert [c["client"] for c in clients if c["participations"] == 1] == sorted(sampled)
     assert all(c["participations"] == 0 and c["epsilon_server"] == 0 for c in clients if c["client"] not in sampled)
     assert summary["mode"] == "distributed_dp" and summary["noise_multiplier"] == pytest.approx(plan.noise_multiplier)

@@ -261,6 +261,7 @@ def test_distributed_budget_planned_for_an_observer_says_so_and_stops_rounds_not
         assert budget.record_round({}, released=list(range(10))) == []
     assert budget.epsilon == budget.columns()["epsilon_observer"] < budget.columns()["epsilon_server"]
     assert "OBSERVER OF THE RELEASED ADAPTERS ONLY" in budget.describe() and budget.summary()["adversary"] == "observer"
+    assert budget.whom().startswith("against an observer of the released adapters only, not the server; neighbours: ")
     with pytest.raises(BudgetExhausted):
         budget.check_next_round(50)
 

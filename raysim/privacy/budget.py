@@ -150,6 +150,12 @@ class PrivacyBudget:
             )
         return "no differential privacy"
 
+    def whom(self) -> str:
+        """Whom :attr:`epsilon` holds against, under which neighbouring relation and accountant, in
+        words for a log line."""
+        against = "the server" if self.adversary == "server" else "an observer of the released adapters only, not the server"
+        return f"against {against}; neighbours: {NEIGHBOURS[self.mode]}; accountant: {self.accountant}"
+
     def _ddp_goal(self) -> str:
         if self.target is None:
             return "for a fixed noise multiplier"

@@ -118,7 +118,9 @@ def format_row(row: dict[str, Any], total_rounds: int) -> str:
         parts.append(f"agg_err {row['aggregation_error']:.2e}")
     if "attackers" in row:
         parts.append(f"attackers {row['attackers']}" + (f" ({row['attackers_kept']} kept)" if "attackers_kept" in row else ""))
-    if math.isfinite(row["epsilon"]):
+    if "epsilon_server" in row:  # distributed DP: both adversaries' numbers
+        parts.append(f"eps {row['epsilon_server']:.3f} vs server, {row['epsilon_observer']:.3f} vs observer")
+    elif math.isfinite(row["epsilon"]):
         parts.append(f"eps {row['epsilon']:.3f}")
     if row.get("secagg_aborted"):
         parts.append("secagg aborted")
