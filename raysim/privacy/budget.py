@@ -154,7 +154,12 @@ class PrivacyBudget:
         """Whom :attr:`epsilon` holds against, under which neighbouring relation and accountant, in
         words for a log line."""
         against = "the server" if self.adversary == "server" else "an observer of the released adapters only, not the server"
-        return f"against {against}; neighbours: {NEIGHBOURS[self.mode]}; accountant: {self.accountant}"
+        return f"against {against}; neighbours: {self.neighbours}; accountant: {self.accountant}"
+
+    @property
+    def neighbours(self) -> str:
+        """The neighbouring relation :attr:`epsilon` is for."""
+        return NEIGHBOURS[(self.mode, self.adversary)]
 
     def _ddp_goal(self) -> str:
         if self.target is None:
@@ -295,7 +300,7 @@ class PrivacyBudget:
             target_epsilon=self.target,
             accountant=self.accountant,
             adversary=self.adversary,
-            neighbours=NEIGHBOURS[self.mode],
+            neighbours=self.neighbours,
         )
         if self.mode == "local_dp_sgd":
             out.update(
@@ -330,11 +335,12 @@ class PrivacyBudget:
 
 # Whom each mode's epsilon holds against, unless privacy.adversary says otherwise.
 DEFAULT_ADVERSARY = {"local_dp_sgd": "server", "central_dp": "observer", "distributed_dp": "server"}
-# The neighbouring relation each mode's accounting assumes (docs/PRIVACY.md).
+# The neighbouring relation each (mode, adversary) is accounted for (docs/PRIVACY.md).
 NEIGHBOURS = {
-    "local_dp_sgd": "add/remove one training example of one client",
-    "central_dp": "add/remove one client",
-    "distributed_dp": "one client's update zeroed, its noise share kept (against the server); add/remove one client, its own noise share known (against an observer)",
+    ("local_dp_sgd", "server"): "add/remove one training example of one client",
+    ("central_dp", "observer"): "add/remove one client",
+    ("distributed_dp", "server"): "one client's update zeroed, its noise share kept",
+    ("distributed_dp", "observer"): "add/remove one client, its own noise share known to the adversary",
 }
 
 
