@@ -702,6 +702,11 @@ def _validate_privacy(cfg: DictConfig) -> None:
     _check(p.adversary is None or p.adversary in ADVERSARIES, "privacy.adversary", f"'{p.adversary}' is not one of {', '.join(ADVERSARIES)} (or null)")
     _check(p.client_rounds >= 0, "privacy.client_rounds", "must be >= 0")
     _check(
+        p.client_rounds == 0 or p.mode == "local_dp_sgd" or (p.mode == "distributed_dp" and p.adversary != "observer"),
+        "privacy.client_rounds",
+        "only a per-client budget has it (local_dp_sgd, or distributed_dp against the server); against an observer the run is accounted as a whole",
+    )
+    _check(
         not (p.mode == "central_dp" and p.adversary == "server"),
         "privacy.adversary",
         "central_dp trusts the server, which sees every clipped update: for a guarantee against it use distributed_dp or local_dp_sgd",

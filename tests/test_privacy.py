@@ -277,6 +277,13 @@ def test_an_adversary_the_mode_cannot_promise_is_refused(tmp_path, mode, adversa
         tiny_config(tmp_path, f"privacy.mode={mode}", "privacy.target_epsilon=3", "privacy.clip_norm=0.1", f"privacy.adversary={adversary}", *extra)
 
 
+@pytest.mark.parametrize("mode, adversary", [("central_dp", "null"), ("distributed_dp", "observer")])
+def test_a_per_client_budget_is_refused_where_the_run_is_accounted_as_a_whole(tmp_path, mode, adversary):
+    with pytest.raises(ConfigError, match="privacy.client_rounds: only a per-client budget has it"):
+        tiny_config(tmp_path, f"privacy.mode={mode}", "privacy.target_epsilon=3", "privacy.clip_norm=0.1", f"privacy.adversary={adversary}",
+                    "privacy.client_rounds=2", "secagg.enabled=true")
+
+
 def test_local_budget_excludes_exhausted_clients_and_reports_the_largest_epsilon():
     budget = PrivacyBudget(_privacy(mode="local_dp_sgd", target_epsilon=3.0), [40, 80], rounds=4, local_steps=5, batch_size=8, per_round=1)
     newly = budget.record_round({0: ClientPrivacy([(1.0, 0.2, 5)], epsilon=2.5, exhausted=True, trained=True),
