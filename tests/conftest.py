@@ -63,18 +63,22 @@ def expected_round(cfg, sampled):
         return _expected_round(cfg, sampled)
 
 
-def client_results(cfg, sampled):
+def client_results(cfg, sampled, start=None):
     """Round 1 computed in this process, client by client: (start adapter, each client's trained
-    adapter, each client's weight (its examples), the model), as numpy arrays."""
+    adapter, each client's weight (its examples), the model), as numpy arrays. ``start``: the
+    adapter clients start from where it is not the model's initial one (a sparse download)."""
     with worker_threads(cfg):
-        return _client_results(cfg, sampled)
+        return _client_results(cfg, sampled, start)
 
 
-def _client_results(cfg, sampled):
+def _client_results(cfg, sampled, start=None):
     data = prepare(cfg, load_tokenizer(cfg.model.name_or_path))
     model = build_model(cfg, len(data.label_names))
     params = trainable_parameters(model)
-    start = {k: v.detach().clone() for k, v in params.items()}
+    if start is None:
+        start = {k: v.detach().clone() for k, v in params.items()}
+    else:
+        start = {k: torch.from_numpy(np.array(v)) for k, v in start.items()}
     finals, weights = [], []
     for cid in sampled:
         load_adapter(params, start)
