@@ -52,11 +52,11 @@ def test_any_value_for_any_key_is_accepted_or_refused_in_one_line(key, value, tm
     assert not out.exists()  # loading a config writes nothing
 
 
-@pytest.mark.parametrize("override", ["rounds=abc", "train.lr=-1", "worker.min_count=0", "nonsense.key=1"])
+@pytest.mark.parametrize("override", ["rounds=abc", "train.lr=-1", "worker.min_count=0", "nonsense.key=1", "output_dir=/proc/forbidden/run"])
 def test_the_cli_refuses_a_bad_value_with_exit_2_and_writes_nothing(tmp_path, capsys, override):
     from raysim.cli import main
 
-    assert main(["run", str(TINY), f"output_dir={tmp_path / 'run'}", override]) == 2
+    assert main(["run", str(TINY), "runtime=local", f"output_dir={tmp_path / 'run'}", override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("raysim: error: ") and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()

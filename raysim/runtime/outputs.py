@@ -48,7 +48,22 @@ def check_output_dir(cfg: DictConfig, resumed_run: Path | None) -> Path:
         raise UserError(f"output_dir: '{out}' cannot be created: '{existing}' is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"output_dir: '{out}' cannot be {'written' if existing == out.absolute() else 'created'}: no write permission in '{existing}'")
+    if existing != out.absolute():
+        _probe_creation(out.absolute(), existing)
     return out
+
+
+def _probe_creation(target: Path, existing: Path) -> None:
+    """Create ``target`` and remove what was created again, up to ``existing``: permission bits do
+    not tell (root may "write" into /proc, a read-only mount, a full disk)."""
+    try:
+        target.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"output_dir: '{target}' cannot be created ({err.strerror or err})") from None
+    for created in (target, *target.parents):
+        if created == existing:
+            break
+        created.rmdir()
 
 
 class RunOutputs:
